@@ -1,0 +1,60 @@
+/* Streaming SHA-256 over OpenSSL's EVP interface. */
+#include "sha256.h"
+
+#include <openssl/evp.h>
+#include <stdlib.h>
+
+struct sha256_ctx {
+	EVP_MD_CTX *md;
+};
+
+sha256_ctx *sha256_new(void)
+{
+	sha256_ctx *c = malloc(sizeof *c);
+	if (!c)
+		return NULL;
+	c->md = EVP_MD_CTX_new();
+	if (!c->md || EVP_DigestInit_ex(c->md, EVP_sha256(), NULL) != 1) {
+		EVP_MD_CTX_free(c->md);
+		free(c);
+		return NULL;
+	}
+	return c;
+}
+
+void sha256_update(sha256_ctx *c, const void *data, size_t len)
+{
+	EVP_DigestUpdate(c->md, data, len);
+}
+
+void sha256_final(sha256_ctx *c, uint8_t out[32])
+{
+	unsigned int n = 32;
+	EVP_DigestFinal_ex(c->md, out, &n);
+	/* Re-initialise so the same ctx can hash the next message. */
+	EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
+}
+
+void sha256_free(sha256_ctx *c)
+{
+	if (!c)
+		return;
+	EVP_MD_CTX_free(c->md);
+	free(c);
+}
+
+void sha256_hex(const uint8_t digest[32], char hex[65])
+{
+	static const char digits[] = "0123456789abcdef";
+	for (int i = 0; i < 32; i++) {
+		hex[2 * i] = digits[digest[i] >> 4];
+		hex[2 * i + 1] = digits[digest[i] & 15];
+	}
+	hex[64] = '\0';
+}
+
+void sha256_buffer(const void *data, size_t len, uint8_t out[32])
+{
+	unsigned int n = 32;
+	EVP_Digest(data, len, out, &n, EVP_sha256(), NULL);
+}
