@@ -151,6 +151,9 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     writer_fixture(args.out)
+    with open(os.path.join(args.out, "writer_fixture.sha256"), "w") as out:
+        for n in ("writer_fixture.safetensors", "writer_fixture_meta.safetensors"):
+            out.write(f"{sha256_file(os.path.join(args.out, n))}  {n}\n")
     import safetensors
     print("torch", torch.__version__, "safetensors", safetensors.__version__)
     for spec in args.ckpt:
