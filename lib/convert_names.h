@@ -16,6 +16,9 @@ typedef struct {
 /* Maps an HF name; returns 0, or -1 when the name is unknown to the mapping (the module name
  * before the last dot is not in DESIGN §3.3's table, nor an MTP module). */
 int convert_name(const char *hf_name, converted_name *out);
+/* 1 when the HF name is one of the MTP layer's own modules (enorm, hnorm, eh_proj, shared_head.*):
+ * convert_name accepts them in any layer, callers refuse them outside MTP layers. */
+int hf_name_is_mtp_module(const char *hf_name);
 /* For a converted name (as found in model{r}-mp{N} files): its split dim and expert index. */
 int converted_name_info(const char *name, converted_name *out);
 /* Rank that owns routed expert e of n_experts across mp ranks. */
