@@ -17,6 +17,8 @@ typedef struct {
 	char **index_files;
 	size_t n_index;
 	int has_index;
+	struct hf_ckpt_entry *lookup; /* private: every tensor sorted by name, for hf_ckpt_find */
+	size_t n_lookup;
 } hf_ckpt;
 
 /* Opens every *.safetensors in dir. With an index: every file it names must exist (DSV3_EDATA
