@@ -78,7 +78,8 @@ int dir_glob(const char *dir, const char *pattern, char ***names, size_t *n, dsv
 		free_names(list, count);
 		return rc;
 	}
-	qsort(list, count, sizeof *list, cmp_str_ptr);
+	if (count)
+		qsort(list, count, sizeof *list, cmp_str_ptr);
 	*names = list;
 	*n = count;
 	return 0;
@@ -273,6 +274,8 @@ void hf_ckpt_close(hf_ckpt *c)
 
 const st_tensor *hf_ckpt_find(const hf_ckpt *c, const char *name, size_t *file_index)
 {
+	if (!c->n_lookup)
+		return NULL;
 	struct hf_ckpt_entry key = { .name = name };
 	const struct hf_ckpt_entry *e =
 		bsearch(&key, c->lookup, c->n_lookup, sizeof *c->lookup, cmp_entry);
