@@ -1,4 +1,5 @@
-/* Parses a Hugging Face config.json of the DeepSeek-V2/V3 family (DESIGN §4 maps the keys). */
+/* Parses a Hugging Face config.json of the DeepSeek-V2/V3 family (DESIGN §4 maps the keys), or
+ * the official demo's own config (config_671B.json: "dim", "n_layers", ...). */
 #include "config.h"
 
 #include <errno.h>
@@ -163,33 +164,41 @@ static int parse_moe_ints(dsv3_config *c, json_t *root, const char *label, dsv3_
 	return rc;
 }
 
+/* The keys check_moe names in its messages: the HF config's or the demo's. */
+struct moe_keys {
+	const char *groups, *limited, *activated, *routed, *dense, *layers;
+};
+static const struct moe_keys hf_keys = { "n_group", "topk_group", "num_experts_per_tok",
+					 "n_routed_experts", "first_k_dense_replace",
+					 "num_hidden_layers" };
+static const struct moe_keys demo_keys = { "n_expert_groups", "n_limited_groups",
+					   "n_activated_experts", "n_routed_experts",
+					   "n_dense_layers", "n_layers" };
+
 /* Relations between the MoE keys that the gate (DESIGN §4) relies on. */
-static int check_moe(const dsv3_config *c, const char *label, dsv3_error *err)
+static int check_moe(const dsv3_config *c, const struct moe_keys *k, const char *label,
+		     dsv3_error *err)
 {
 	if (c->n_routed_experts % c->n_expert_groups)
-		return dsv3_fail(err, DSV3_EDATA,
-				 "%s: key \"n_group\" (%d) does not divide n_routed_experts (%d)",
-				 label, c->n_expert_groups, c->n_routed_experts);
+		return dsv3_fail(err, DSV3_EDATA, "%s: key \"%s\" (%d) does not divide %s (%d)",
+				 label, k->groups, c->n_expert_groups, k->routed,
+				 c->n_routed_experts);
 	if (c->n_limited_groups > c->n_expert_groups)
-		return dsv3_fail(err, DSV3_EDATA,
-				 "%s: key \"topk_group\" (%d) is larger than n_group (%d)", label,
-				 c->n_limited_groups, c->n_expert_groups);
+		return dsv3_fail(err, DSV3_EDATA, "%s: key \"%s\" (%d) is larger than %s (%d)",
+				 label, k->limited, c->n_limited_groups, k->groups,
+				 c->n_expert_groups);
 	if (c->n_activated_experts > c->n_routed_experts)
-		return dsv3_fail(err, DSV3_EDATA,
-				 "%s: key \"num_experts_per_tok\" (%d) is larger than "
-				 "n_routed_experts (%d)",
-				 label, c->n_activated_experts, c->n_routed_experts);
+		return dsv3_fail(err, DSV3_EDATA, "%s: key \"%s\" (%d) is larger than %s (%d)",
+				 label, k->activated, c->n_activated_experts, k->routed,
+				 c->n_routed_experts);
 	int reachable = c->n_routed_experts / c->n_expert_groups * c->n_limited_groups;
 	if (c->n_activated_experts > reachable)
 		return dsv3_fail(err, DSV3_EDATA,
-				 "%s: key \"num_experts_per_tok\" (%d) is larger than the %d experts "
-				 "in topk_group groups",
-				 label, c->n_activated_experts, reachable);
+				 "%s: key \"%s\" (%d) is larger than the %d experts in %s groups",
+				 label, k->activated, c->n_activated_experts, reachable, k->limited);
 	if (c->n_dense_layers > c->n_layers)
-		return dsv3_fail(err, DSV3_EDATA,
-				 "%s: key \"first_k_dense_replace\" (%d) is larger than "
-				 "num_hidden_layers (%d)",
-				 label, c->n_dense_layers, c->n_layers);
+		return dsv3_fail(err, DSV3_EDATA, "%s: key \"%s\" (%d) is larger than %s (%d)",
+				 label, k->dense, c->n_dense_layers, k->layers, c->n_layers);
 	return 0;
 }
 
@@ -226,7 +235,7 @@ static int parse_moe(dsv3_config *c, json_t *root, const char *label, dsv3_error
 	}
 	rc = parse_moe_ints(c, root, label, err);
 	if (!rc)
-		rc = check_moe(c, label, err);
+		rc = check_moe(c, &hf_keys, label, err);
 	if (!rc)
 		rc = parse_gate(c, root, label, err);
 	return rc;
@@ -304,6 +313,79 @@ static int parse_quant(dsv3_config *c, json_t *root, const char *label, dsv3_err
 	return rc;
 }
 
+/* The official demo's config (inference/configs/config_671B.json: "dim", "n_layers", ...).
+ * Absent keys take model.py's ModelArgs defaults, as the demo does. */
+static int parse_demo(dsv3_config *c, json_t *root, const char *label, dsv3_error *err)
+{
+	static const struct {
+		const char *key;
+		size_t off;
+		int dflt, min;
+	} ints[] = {
+		{ "vocab_size", offsetof(dsv3_config, vocab_size), 102400, 1 },
+		{ "dim", offsetof(dsv3_config, dim), 2048, 1 },
+		{ "inter_dim", offsetof(dsv3_config, inter_dim), 10944, 1 },
+		{ "moe_inter_dim", offsetof(dsv3_config, moe_inter_dim), 1408, 1 },
+		{ "n_layers", offsetof(dsv3_config, n_layers), 27, 1 },
+		{ "n_dense_layers", offsetof(dsv3_config, n_dense_layers), 1, 0 },
+		{ "n_heads", offsetof(dsv3_config, n_heads), 16, 1 },
+		{ "n_routed_experts", offsetof(dsv3_config, n_routed_experts), 64, 1 },
+		{ "n_shared_experts", offsetof(dsv3_config, n_shared_experts), 2, 0 },
+		{ "n_activated_experts", offsetof(dsv3_config, n_activated_experts), 6, 1 },
+		{ "n_expert_groups", offsetof(dsv3_config, n_expert_groups), 1, 1 },
+		{ "n_limited_groups", offsetof(dsv3_config, n_limited_groups), 1, 1 },
+		{ "q_lora_rank", offsetof(dsv3_config, q_lora_rank), 0, 0 },
+		{ "kv_lora_rank", offsetof(dsv3_config, kv_lora_rank), 512, 1 },
+		{ "qk_nope_head_dim", offsetof(dsv3_config, qk_nope_head_dim), 128, 1 },
+		{ "qk_rope_head_dim", offsetof(dsv3_config, qk_rope_head_dim), 64, 1 },
+		{ "v_head_dim", offsetof(dsv3_config, v_head_dim), 128, 1 },
+		{ "original_seq_len", offsetof(dsv3_config, original_seq_len), 4096, 1 },
+	};
+	for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+		int *field = (int *)((char *)c + ints[i].off);
+		int rc = read_int(root, ints[i].key, 0, ints[i].dflt, field, label, err);
+		if (!rc)
+			rc = need_min(*field, ints[i].min, ints[i].key, label, err);
+		if (rc)
+			return rc;
+	}
+	const char *score, *dtype, *scale_fmt;
+	int rc = read_double(root, "route_scale", 1.0, &c->route_scale, label, err);
+	if (!rc)
+		rc = read_double(root, "rope_theta", 10000.0, &c->rope_theta, label, err);
+	if (!rc)
+		rc = read_double(root, "rope_factor", 40.0, &c->rope_factor, label, err);
+	if (!rc)
+		rc = read_double(root, "beta_fast", 32.0, &c->beta_fast, label, err);
+	if (!rc)
+		rc = read_double(root, "beta_slow", 1.0, &c->beta_slow, label, err);
+	if (!rc)
+		rc = read_double(root, "mscale", 1.0, &c->mscale, label, err);
+	if (!rc)
+		rc = read_string(root, "score_func", "softmax", &score, label, err);
+	if (!rc)
+		rc = read_string(root, "dtype", "bf16", &dtype, label, err);
+	if (!rc)
+		rc = read_string(root, "scale_fmt", "", &scale_fmt, label, err);
+	if (!rc)
+		rc = check_moe(c, &demo_keys, label, err);
+	if (rc)
+		return rc;
+	if (c->rope_theta <= 0 || c->rope_factor <= 0)
+		return dsv3_fail(err, DSV3_EDATA, "%s: key \"%s\" must be positive", label,
+				 c->rope_theta <= 0 ? "rope_theta" : "rope_factor");
+	if (strcmp(score, "sigmoid") && strcmp(score, "softmax"))
+		return dsv3_fail(err, DSV3_EDATA,
+				 "%s: key \"score_func\" must be \"softmax\" or \"sigmoid\"", label);
+	c->score_sigmoid = strcmp(score, "sigmoid") == 0;
+	/* model.py gives the gate a bias exactly when dim == 7168 (DeepSeek-V3). */
+	c->has_gate_bias = c->dim == 7168;
+	c->fp8 = strcmp(dtype, "fp8") == 0;
+	c->scale_ue8m0 = strcmp(scale_fmt, "ue8m0") == 0;
+	c->block_rows = c->block_cols = 128;
+	return 0;
+}
+
 int config_parse(dsv3_config *c, const char *json_text, const char *label, dsv3_error *err)
 {
 	memset(c, 0, sizeof *c);
@@ -318,10 +400,16 @@ int config_parse(dsv3_config *c, const char *json_text, const char *label, dsv3_
 	const char *model_type = "";
 	if (!rc)
 		rc = read_string(root, "model_type", "", &model_type, label, err);
-	if (!rc) {
+	if (!rc)
 		snprintf(c->model_type, sizeof c->model_type, "%s", model_type);
-		rc = parse_dims(c, root, label, err);
+	/* The demo's format is told apart by its own name for the width. */
+	if (!rc && json_object_get(root, "dim") && !json_object_get(root, "hidden_size")) {
+		rc = parse_demo(c, root, label, err);
+		json_decref(root);
+		return rc;
 	}
+	if (!rc)
+		rc = parse_dims(c, root, label, err);
 	if (!rc)
 		rc = parse_moe(c, root, label, err);
 	if (!rc)

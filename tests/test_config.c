@@ -237,6 +237,54 @@ static void test_config_mscale_falls_back_to_rope_scaling_mscale(void **state)
 	assert_true(c.mscale == 0.5);
 }
 
+/* The official demo's inference/configs/config_671B.json, as published. */
+static const char demo_671b_config[] =
+	"{\"vocab_size\": 129280, \"dim\": 7168, \"inter_dim\": 18432, \"moe_inter_dim\": 2048,"
+	" \"n_layers\": 61, \"n_dense_layers\": 3, \"n_heads\": 128, \"n_routed_experts\": 256,"
+	" \"n_shared_experts\": 1, \"n_activated_experts\": 8, \"n_expert_groups\": 8,"
+	" \"n_limited_groups\": 4, \"route_scale\": 2.5, \"score_func\": \"sigmoid\","
+	" \"q_lora_rank\": 1536, \"kv_lora_rank\": 512, \"qk_nope_head_dim\": 128,"
+	" \"qk_rope_head_dim\": 64, \"v_head_dim\": 128, \"dtype\": \"fp8\"}";
+
+static void test_config_reads_official_demo_format(void **state)
+{
+	(void)state;
+	dsv3_config c;
+	dsv3_error err = { 0 };
+	assert_int_equal(config_parse(&c, demo_671b_config, "config_671B.json", &err), 0);
+	assert_int_equal(c.vocab_size, 129280);
+	assert_int_equal(c.dim, 7168);
+	assert_int_equal(c.inter_dim, 18432);
+	assert_int_equal(c.moe_inter_dim, 2048);
+	assert_int_equal(c.n_layers, 61);
+	assert_int_equal(c.n_dense_layers, 3);
+	assert_int_equal(c.n_heads, 128);
+	assert_int_equal(c.n_routed_experts, 256);
+	assert_int_equal(c.n_shared_experts, 1);
+	assert_int_equal(c.n_activated_experts, 8);
+	assert_int_equal(c.n_expert_groups, 8);
+	assert_int_equal(c.n_limited_groups, 4);
+	assert_true(c.route_scale == 2.5);
+	assert_int_equal(c.score_sigmoid, 1);
+	assert_int_equal(c.has_gate_bias, 1); /* model.py: bias when dim == 7168 */
+	assert_int_equal(c.q_lora_rank, 1536);
+	assert_int_equal(c.kv_lora_rank, 512);
+	assert_int_equal(c.fp8, 1);
+	/* ModelArgs defaults for what the file leaves out */
+	assert_true(c.rope_theta == 10000.0);
+	assert_true(c.rope_factor == 40.0);
+	assert_int_equal(c.original_seq_len, 4096);
+	assert_true(c.beta_fast == 32.0);
+	assert_true(c.beta_slow == 1.0);
+	assert_true(c.mscale == 1.0);
+	assert_int_equal(c.scale_ue8m0, 0);
+
+	assert_int_equal(config_parse(&c, "{\"dim\": 64, \"n_expert_groups\": 5}", "d.json", &err),
+			 DSV3_EDATA);
+	assert_non_null(strstr(err.msg, "d.json"));
+	assert_non_null(strstr(err.msg, "n_expert_groups")); /* the demo's own key name */
+}
+
 static void test_config_load_reports_missing_file(void **state)
 {
 	(void)state;
@@ -259,6 +307,7 @@ int main(void)
 		cmocka_unit_test(test_config_refuses_nonsense_values),
 		cmocka_unit_test(test_config_reads_v3_1_ue8m0_scales),
 		cmocka_unit_test(test_config_mscale_falls_back_to_rope_scaling_mscale),
+		cmocka_unit_test(test_config_reads_official_demo_format),
 		cmocka_unit_test(test_config_load_reports_missing_file),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
