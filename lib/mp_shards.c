@@ -1,0 +1,604 @@
+/* Model-parallel shard files from mmapped pieces (see mp_shards.h).
+ *
+ * A logical tensor is viewed as [outer, D, inner]: D is its split dimension, outer the product of
+ * the dims before it, inner the bytes of one step along D. Rank r of mp gets [r*D/mp, (r+1)*D/mp)
+ * of D for every outer index, which is torch's narrow(dim).contiguous(). The bytes may come in
+ * n_pieces equal parts along D (the ranks of an earlier split): step d of D lives in piece
+ * d/(D/n_pieces). Tensors without a split dim (and routed experts) are one step of D.
+ *
+ * Work: one task per rank file, each writing its tensors in the file's layout order. Logical
+ * hashes need each whole tensor once: they sit in one queue in the same global layout order and
+ * writers take the items they have already passed, so all tasks move through the inputs
+ * together and a page read from disk serves every task while it is still cached. Threads beyond
+ * the number of ranks only hash. Input pages are dropped every RELEASE_EVERY bytes. */
+#include "mp_shards.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "convert_names.h"
+#include "hf_ckpt.h"
+#include "progress.h"
+#include "sha256.h"
+#include "threadpool.h"
+
+#define CHUNK (16u << 20)	  /* bytes per write/hash call */
+#define RELEASE_EVERY (64u << 20) /* input bytes touched between page drops */
+#define PROGRESS_EVERY (8u << 20)
+
+/* ---- problems ---------------------------------------------------------------------------- */
+
+void mp_problems_init(mp_problems *p, dsv3_error *err)
+{
+	p->err = err;
+	p->count = 0;
+	p->shown = 0;
+	err->code = 0;
+	err->msg[0] = '\0';
+}
+
+#define PROBLEM_RESERVE 96 /* room kept for the heading and the "... more" line */
+
+void mp_problem(mp_problems *p, const char *fmt, ...)
+{
+	dsv3_error *e = p->err;
+	char line[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	p->count++;
+	size_t used = strlen(e->msg), len = strlen(line);
+	if (p->shown >= MP_MAX_PROBLEMS || used + len + 4 + PROBLEM_RESERVE > sizeof e->msg)
+		return;
+	snprintf(e->msg + used, sizeof e->msg - used, "\n  %s", line);
+	p->shown++;
+}
+
+int mp_problems_finish(mp_problems *p)
+{
+	if (p->count == 0)
+		return 0;
+	dsv3_error *e = p->err;
+	char head[64];
+	int hl = snprintf(head, sizeof head, "%d problem%s found, nothing written:", p->count,
+			  p->count == 1 ? "" : "s");
+	size_t used = strlen(e->msg);
+	memmove(e->msg + hl, e->msg, used + 1);
+	memcpy(e->msg, head, (size_t)hl);
+	used += (size_t)hl;
+	if (p->count > p->shown)
+		snprintf(e->msg + used, sizeof e->msg - used, "\n  ... and %d more",
+			 p->count - p->shown);
+	e->code = DSV3_EDATA;
+	return DSV3_EDATA;
+}
+
+/* ---- geometry ------------------------------------------------------------------------------ */
+
+void mp_file_name(char *buf, size_t len, int rank, int mp)
+{
+	snprintf(buf, len, "model%d-mp%d.safetensors", rank, mp);
+}
+
+static int is_split(const mp_tensor *t)
+{
+	return t->expert < 0 && t->split_dim != SPLIT_NONE;
+}
+
+static uint64_t tensor_bytes(const mp_tensor *t)
+{
+	uint64_t n = dtype_size(t->dtype);
+	for (int i = 0; i < t->ndim; i++)
+		n *= (uint64_t)t->shape[i];
+	return n;
+}
+
+typedef struct {
+	uint64_t outer, dim, inner; /* inner in bytes */
+} geometry;
+
+static geometry tensor_geometry(const mp_tensor *t)
+{
+	geometry g = { 1, 1, tensor_bytes(t) };
+	if (!is_split(t))
+		return g;
+	g.inner = dtype_size(t->dtype);
+	for (int i = 0; i < t->ndim; i++) {
+		if (i < t->split_dim)
+			g.outer *= (uint64_t)t->shape[i];
+		else if (i > t->split_dim)
+			g.inner *= (uint64_t)t->shape[i];
+	}
+	g.dim = (uint64_t)t->shape[t->split_dim];
+	return g;
+}
+
+/* Whether rank r of mp holds t, and which steps [*a, *b) of its split dim. */
+static int rank_slice(const mp_tensor *t, int r, int mp, int n_experts, uint64_t *a, uint64_t *b)
+{
+	geometry g = tensor_geometry(t);
+	*a = 0;
+	*b = g.dim;
+	if (t->expert >= 0)
+		return expert_rank(t->expert, n_experts, mp) == r;
+	if (is_split(t)) {
+		*a = g.dim / (uint64_t)mp * (uint64_t)r;
+		*b = *a + g.dim / (uint64_t)mp;
+	}
+	return 1;
+}
+
+void mp_check(const mp_tensor *t, size_t n, int mp, int n_experts, mp_problems *p)
+{
+	if (mp < 1 || n_experts < 0 || n_experts % mp != 0)
+		mp_problem(p, "%d experts cannot be divided among %d ranks", n_experts, mp);
+	for (size_t i = 0; i < n; i++) {
+		const char *src = t[i].pieces[0].file->path;
+		if (t[i].expert >= n_experts) {
+			mp_problem(p, "%s: tensor %s: expert %d, but there are %d experts", src,
+				   t[i].name, t[i].expert, n_experts);
+		} else if (is_split(&t[i]) && t[i].ndim <= t[i].split_dim) {
+			mp_problem(p, "%s: tensor %s: has %d dims, cannot be split along dim %d", src,
+				   t[i].name, t[i].ndim, t[i].split_dim);
+		} else if (is_split(&t[i]) && t[i].shape[t[i].split_dim] % mp != 0) {
+			size_t len = strlen(t[i].name);
+			int scale = len > 6 && strcmp(t[i].name + len - 6, ".scale") == 0;
+			mp_problem(p, "%s: tensor %s: %s %lld (dim %d) is not divisible by %d", src,
+				   t[i].name, scale ? "scale block count" : "size",
+				   (long long)t[i].shape[t[i].split_dim], t[i].split_dim, mp);
+		}
+	}
+}
+
+/* ---- walking the bytes ----------------------------------------------------------------- */
+
+typedef int (*byte_sink)(void *ctx, const uint8_t *p, size_t len, dsv3_error *err);
+
+typedef struct {
+	const uint8_t *lo, *hi;
+} span;
+
+static void release_span(const mp_piece *pc, span *s)
+{
+	if (s->hi > s->lo) {
+		st_tensor part = *pc->t;
+		part.data = s->lo;
+		part.nbytes = (uint64_t)(s->hi - s->lo);
+		st_release(pc->file, &part);
+	}
+	s->lo = s->hi = NULL;
+}
+
+static void note_span(span *s, const uint8_t *p, size_t len)
+{
+	if (!s->lo || p < s->lo)
+		s->lo = p;
+	if (p + len > s->hi)
+		s->hi = p + len;
+}
+
+/* Feeds steps [a, b) of t's split dim, for every outer index, to sink in row-major order. */
+static int walk_slice(const mp_tensor *t, uint64_t a, uint64_t b, byte_sink sink, void *ctx,
+		      const atomic_int *stop, dsv3_error *err)
+{
+	geometry g = tensor_geometry(t);
+	uint64_t per_piece = g.dim / (uint64_t)t->n_pieces;
+	span *spans = calloc((size_t)t->n_pieces, sizeof *spans);
+	if (!spans)
+		return dsv3_fail(err, DSV3_EIO, "tensor %s: out of memory", t->name);
+	uint64_t touched = 0;
+	int rc = 0;
+	for (uint64_t o = 0; o < g.outer && !rc; o++) {
+		for (uint64_t d = a; d < b && !rc;) {
+			uint64_t p = d / per_piece, local = d % per_piece;
+			uint64_t run = b - d < per_piece - local ? b - d : per_piece - local;
+			const uint8_t *src = t->pieces[p].t->data + (o * per_piece + local) * g.inner;
+			uint64_t len = run * g.inner;
+			while (len > 0 && !rc) {
+				size_t c = len < CHUNK ? (size_t)len : CHUNK;
+				if (stop && atomic_load(stop))
+					rc = dsv3_fail(err, DSV3_EIO, "cancelled");
+				else
+					rc = sink(ctx, src, c, err);
+				note_span(&spans[p], src, c);
+				touched += c;
+				src += c;
+				len -= c;
+				if (touched >= RELEASE_EVERY) {
+					for (int k = 0; k < t->n_pieces; k++)
+						release_span(&t->pieces[k], &spans[k]);
+					touched = 0;
+				}
+			}
+			d += run;
+		}
+	}
+	for (int k = 0; k < t->n_pieces; k++)
+		release_span(&t->pieces[k], &spans[k]);
+	free(spans);
+	return rc;
+}
+
+/* ---- the shared state of one mp_write ---------------------------------------------------- */
+
+typedef struct {
+	const mp_tensor *t;
+	size_t n;
+	int mp, n_experts;
+	const char **tmp_paths;	 /* per rank */
+	uint8_t (*file_sha)[32]; /* per rank */
+	uint8_t (*tensor_sha)[32];
+	size_t *order; /* global layout order: dtype rank descending, then name */
+	size_t *gpos;  /* gpos[order[k]] == k */
+	atomic_size_t next_hash;
+	atomic_int stop;
+	pthread_mutex_t lock; /* progress and first_err */
+	progress bar;
+	dsv3_error first_err;
+} write_job;
+
+static void job_fail(write_job *j, const dsv3_error *err)
+{
+	/* A task cancelled by the stop flag fails after the first one has recorded its error. */
+	pthread_mutex_lock(&j->lock);
+	if (!j->first_err.code)
+		j->first_err = *err;
+	atomic_store(&j->stop, 1);
+	pthread_mutex_unlock(&j->lock);
+}
+
+static int cmp_layout(const mp_tensor *a, const mp_tensor *b)
+{
+	if (a->dtype != b->dtype)
+		return a->dtype > b->dtype ? -1 : 1;
+	return strcmp(a->name, b->name);
+}
+
+/* qsort_r (GNU; the build defines _GNU_SOURCE): the comparison needs the tensor array. */
+static int cmp_layout_index(const void *a, const void *b, void *ctx)
+{
+	const mp_tensor *t = ctx;
+	return cmp_layout(&t[*(const size_t *)a], &t[*(const size_t *)b]);
+}
+
+/* ---- logical hashes ------------------------------------------------------------------------- */
+
+static int sha_sink(void *ctx, const uint8_t *p, size_t len, dsv3_error *err)
+{
+	(void)err;
+	sha256_update(ctx, p, len);
+	return 0;
+}
+
+/* Replicated tensors of dsv3-shard: every rank's copy must equal rank 0's. */
+static int compare_copy(const mp_tensor *t, const mp_piece *copy, dsv3_error *err)
+{
+	const mp_piece *ref = &t->pieces[0];
+	uint64_t n = ref->t->nbytes;
+	for (uint64_t off = 0; off < n; off += RELEASE_EVERY) {
+		uint64_t c = n - off < RELEASE_EVERY ? n - off : RELEASE_EVERY;
+		int differ = memcmp(ref->t->data + off, copy->t->data + off, c) != 0;
+		span a = { ref->t->data + off, ref->t->data + off + c };
+		span b = { copy->t->data + off, copy->t->data + off + c };
+		release_span(ref, &a);
+		release_span(copy, &b);
+		if (differ)
+			return dsv3_fail(err, DSV3_EDATA,
+					 "%s: tensor %s: differs from its copy in %s (it must be the "
+					 "same on every rank)",
+					 copy->file->path, t->name, ref->file->path);
+	}
+	return 0;
+}
+
+static int hash_tensor(write_job *j, size_t i, sha256_ctx *sha, dsv3_error *err)
+{
+	const mp_tensor *t = &j->t[i];
+	geometry g = tensor_geometry(t);
+	int rc = walk_slice(t, 0, g.dim, sha_sink, sha, &j->stop, err);
+	sha256_final(sha, j->tensor_sha[i]);
+	for (int k = 0; k < t->n_copies && !rc; k++)
+		rc = compare_copy(t, &t->copies[k], err);
+	if (!rc && t->expect_sha256 && memcmp(t->expect_sha256, j->tensor_sha[i], 32) != 0)
+		rc = dsv3_fail(err, DSV3_EDATA,
+			       "%s: tensor %s: its bytes do not match the SHA-256 in the input's "
+			       "tensors.sha256.json",
+			       t->pieces[0].file->path, t->name);
+	return rc;
+}
+
+/* Hashes queued tensors up to global layout position `upto` (all with SIZE_MAX). */
+static int hash_queue(write_job *j, size_t upto, sha256_ctx *sha, dsv3_error *err)
+{
+	for (;;) {
+		size_t k = atomic_load(&j->next_hash);
+		if (k >= j->n || k > upto || atomic_load(&j->stop))
+			return 0;
+		if (!atomic_compare_exchange_weak(&j->next_hash, &k, k + 1))
+			continue;
+		int rc = hash_tensor(j, j->order[k], sha, err);
+		if (rc)
+			return rc;
+	}
+}
+
+/* ---- rank files --------------------------------------------------------------------------- */
+
+typedef struct {
+	write_job *job;
+	st_writer *w;
+	uint64_t unreported;
+} rank_sink_ctx;
+
+static int rank_sink(void *ctx, const uint8_t *p, size_t len, dsv3_error *err)
+{
+	rank_sink_ctx *c = ctx;
+	int rc = st_writer_write(c->w, p, len, err);
+	c->unreported += len;
+	if (c->unreported >= PROGRESS_EVERY) {
+		pthread_mutex_lock(&c->job->lock);
+		progress_add(&c->job->bar, c->unreported);
+		pthread_mutex_unlock(&c->job->lock);
+		c->unreported = 0;
+	}
+	return rc;
+}
+
+/* The tensors rank r holds, with their shapes on that rank. */
+static int rank_specs(const write_job *j, int r, st_spec **specs, size_t **index, size_t *n)
+{
+	*specs = malloc((j->n ? j->n : 1) * sizeof **specs);
+	*index = malloc((j->n ? j->n : 1) * sizeof **index);
+	if (!*specs || !*index)
+		return -1;
+	*n = 0;
+	for (size_t i = 0; i < j->n; i++) {
+		const mp_tensor *t = &j->t[i];
+		uint64_t a, b;
+		if (!rank_slice(t, r, j->mp, j->n_experts, &a, &b))
+			continue;
+		st_spec *s = &(*specs)[*n];
+		s->name = t->name;
+		s->dtype = t->dtype;
+		s->ndim = t->ndim;
+		memcpy(s->shape, t->shape, sizeof s->shape);
+		if (is_split(t))
+			s->shape[t->split_dim] = (int64_t)(b - a);
+		(*index)[(*n)++] = i;
+	}
+	return 0;
+}
+
+static int write_rank_tensors(write_job *j, int r, st_writer *w, const size_t *index, size_t n,
+			      sha256_ctx *sha, dsv3_error *err)
+{
+	rank_sink_ctx c = { j, w, 0 };
+	int rc = 0;
+	for (size_t pos = 0; pos < n && !rc; pos++) {
+		size_t i = index[st_writer_order(w, pos)];
+		uint64_t a, b;
+		rank_slice(&j->t[i], r, j->mp, j->n_experts, &a, &b);
+		rc = walk_slice(&j->t[i], a, b, rank_sink, &c, &j->stop, err);
+		if (!rc)
+			rc = hash_queue(j, j->gpos[i], sha, err);
+	}
+	pthread_mutex_lock(&j->lock);
+	progress_add(&j->bar, c.unreported);
+	pthread_mutex_unlock(&j->lock);
+	return rc;
+}
+
+static int write_rank(write_job *j, int r, sha256_ctx *sha, dsv3_error *err)
+{
+	st_spec *specs = NULL;
+	size_t *index = NULL, n = 0;
+	st_writer *w = NULL;
+	int rc = rank_specs(j, r, &specs, &index, &n)
+			 ? dsv3_fail(err, DSV3_EIO, "%s: out of memory", j->tmp_paths[r])
+			 : st_writer_open(&w, j->tmp_paths[r], specs, n, NULL, err);
+	if (!rc)
+		rc = write_rank_tensors(j, r, w, index, n, sha, err);
+	if (!rc)
+		rc = st_writer_finish(w, j->file_sha[r], err);
+	if (rc)
+		st_writer_abort(w); /* the temporary would be removed by out_dir_close anyway */
+	if (!rc)
+		rc = hash_queue(j, SIZE_MAX, sha, err); /* whatever nobody has taken yet */
+	free(specs);
+	free(index);
+	return rc;
+}
+
+/* Task i < mp writes rank i; the others only hash. */
+static void run_task(void *arg, size_t i)
+{
+	write_job *j = arg;
+	dsv3_error err = { 0 };
+	sha256_ctx *sha = sha256_new();
+	int rc;
+	if (!sha)
+		rc = dsv3_fail(&err, DSV3_EIO, "out of memory");
+	else if (i < (size_t)j->mp)
+		rc = write_rank(j, (int)i, sha, &err);
+	else
+		rc = hash_queue(j, SIZE_MAX, sha, &err);
+	if (rc)
+		job_fail(j, &err);
+	sha256_free(sha);
+}
+
+/* ---- mp_write ----------------------------------------------------------------------------- */
+
+static int job_init(write_job *j, const mp_tensor *t, size_t n, int mp, int n_experts)
+{
+	memset(j, 0, sizeof *j);
+	j->t = t;
+	j->n = n;
+	j->mp = mp;
+	j->n_experts = n_experts;
+	j->tmp_paths = calloc((size_t)mp, sizeof *j->tmp_paths);
+	j->file_sha = calloc((size_t)mp, sizeof *j->file_sha);
+	j->tensor_sha = calloc(n ? n : 1, sizeof *j->tensor_sha);
+	j->order = malloc((n ? n : 1) * sizeof *j->order);
+	j->gpos = malloc((n ? n : 1) * sizeof *j->gpos);
+	if (!j->tmp_paths || !j->file_sha || !j->tensor_sha || !j->order || !j->gpos)
+		return -1;
+	for (size_t i = 0; i < n; i++)
+		j->order[i] = i;
+	qsort_r(j->order, n, sizeof *j->order, cmp_layout_index, (void *)t);
+	for (size_t k = 0; k < n; k++)
+		j->gpos[j->order[k]] = k;
+	atomic_init(&j->next_hash, 0);
+	atomic_init(&j->stop, 0);
+	pthread_mutex_init(&j->lock, NULL);
+	return 0;
+}
+
+static void job_free(write_job *j)
+{
+	free(j->tmp_paths);
+	free(j->file_sha);
+	free(j->tensor_sha);
+	free(j->order);
+	free(j->gpos);
+	pthread_mutex_destroy(&j->lock);
+}
+
+static uint64_t total_written(const write_job *j)
+{
+	uint64_t total = 0;
+	for (size_t i = 0; i < j->n; i++) {
+		uint64_t bytes = tensor_bytes(&j->t[i]);
+		total += is_split(&j->t[i]) || j->t[i].expert >= 0 ? bytes : bytes * (uint64_t)j->mp;
+	}
+	return total;
+}
+
+static int record_manifest(const write_job *j, manifest *m, dsv3_error *err)
+{
+	for (int r = 0; r < j->mp; r++) {
+		char name[64];
+		mp_file_name(name, sizeof name, r, j->mp);
+		if (manifest_add_file(m, name, j->file_sha[r]))
+			return dsv3_fail(err, DSV3_EIO, "manifest: out of memory");
+	}
+	for (size_t i = 0; i < j->n; i++) {
+		const mp_tensor *t = &j->t[i];
+		if (manifest_add_tensor(m, t->name, t->dtype, t->ndim, t->shape, j->tensor_sha[i]))
+			return dsv3_fail(err, DSV3_EIO, "manifest: out of memory");
+	}
+	return 0;
+}
+
+int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, out_dir *o,
+	     manifest *m, mp_stats *stats, dsv3_error *err)
+{
+	write_job j;
+	if (job_init(&j, t, n, mp, n_experts)) {
+		job_free(&j);
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	}
+	int rc = 0;
+	for (int r = 0; r < mp && !rc; r++) {
+		char name[64];
+		mp_file_name(name, sizeof name, r, mp);
+		j.tmp_paths[r] = out_dir_add(o, name, err);
+		if (!j.tmp_paths[r])
+			rc = err->code ? err->code : DSV3_EIO;
+	}
+	thread_pool *pool = rc ? NULL : thread_pool_create(threads);
+	if (!rc && !pool)
+		rc = dsv3_fail(err, DSV3_EIO, "cannot start threads");
+	if (!rc) {
+		int size = thread_pool_size(pool);
+		size_t tasks = (size_t)mp + (size > mp ? (size_t)(size - mp) : 0);
+		progress_start(&j.bar, "writing", total_written(&j));
+		thread_pool_for(pool, tasks, run_task, &j);
+		progress_end(&j.bar);
+		if (j.first_err.code) {
+			*err = j.first_err;
+			rc = err->code;
+		}
+	}
+	if (pool)
+		thread_pool_destroy(pool);
+	if (!rc)
+		rc = record_manifest(&j, m, err);
+	if (!rc && stats) {
+		stats->bytes_written = total_written(&j);
+		stats->n_files = (size_t)mp;
+	}
+	job_free(&j);
+	return rc;
+}
+
+int mp_file_sha256(const char *path, uint8_t sha256[32], dsv3_error *err)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return dsv3_fail_errno(err, "cannot open %s", path);
+	sha256_ctx *c = sha256_new();
+	char *buf = malloc(1u << 20);
+	int rc = c && buf ? 0 : dsv3_fail(err, DSV3_EIO, "%s: out of memory", path);
+	size_t got;
+	while (!rc && (got = fread(buf, 1, 1u << 20, f)) > 0)
+		sha256_update(c, buf, got);
+	if (!rc && ferror(f))
+		rc = dsv3_fail_errno(err, "cannot read %s", path);
+	if (!rc)
+		sha256_final(c, sha256);
+	sha256_free(c);
+	free(buf);
+	fclose(f);
+	return rc;
+}
+
+static int copy_one(const char *in_dir, const char *name, out_dir *o, manifest *m, dsv3_error *err)
+{
+	char path[4096];
+	uint8_t sha[32];
+	snprintf(path, sizeof path, "%s/%s", in_dir, name);
+	int rc = mp_file_sha256(path, sha, err);
+	if (!rc)
+		rc = out_dir_copy_file(o, path, name, err);
+	if (!rc && manifest_add_file(m, name, sha))
+		rc = dsv3_fail(err, DSV3_EIO, "manifest: out of memory");
+	return rc;
+}
+
+static int is_regular_file(const char *dir, const char *name)
+{
+	char path[4096];
+	struct stat st;
+	snprintf(path, sizeof path, "%s/%s", dir, name);
+	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_copied,
+			dsv3_error *err)
+{
+	char **names = NULL;
+	size_t n = 0;
+	*n_copied = 0;
+	int rc = dir_glob(in_dir, "*token*", &names, &n, err);
+	for (size_t i = 0; i < n && !rc; i++) {
+		if (!is_regular_file(in_dir, names[i]))
+			continue;
+		rc = copy_one(in_dir, names[i], o, m, err);
+		*n_copied += !rc;
+	}
+	if (!rc && is_regular_file(in_dir, "config.json")) {
+		rc = copy_one(in_dir, "config.json", o, m, err);
+		*n_copied += !rc;
+	}
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+	return rc;
+}

@@ -1,0 +1,78 @@
+/* Writing model-parallel checkpoints, model{r}-mp{N}.safetensors (DESIGN §3.3), from logical
+ * tensors whose bytes stay in mmapped input files. Shared by dsv3-convert (each logical tensor
+ * is one HF tensor) and dsv3-shard (each is put back together from the ranks of another split). */
+#ifndef DSV3_MP_SHARDS_H
+#define DSV3_MP_SHARDS_H
+#include <stddef.h>
+#include <stdint.h>
+#include "error.h"
+#include "manifest.h"
+#include "out_dir.h"
+#include "safetensors.h"
+
+/* Problems found while checking inputs: all are listed (up to MP_MAX_PROBLEMS lines) before a
+ * tool refuses, so a user fixes them in one go. */
+#define MP_MAX_PROBLEMS 20
+
+typedef struct {
+	dsv3_error *err; /* message accumulates one line per problem */
+	int count;	 /* found */
+	int shown;	 /* listed in the message */
+} mp_problems;
+
+void mp_problems_init(mp_problems *p, dsv3_error *err);
+void mp_problem(mp_problems *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* 0 when none was found, else DSV3_EDATA with err->msg listing them. */
+int mp_problems_finish(mp_problems *p);
+
+/* One input tensor holding some or all of a logical tensor's bytes. */
+typedef struct {
+	const st_file *file;
+	const st_tensor *t;
+} mp_piece;
+
+typedef struct {
+	char name[160];   /* converted name */
+	st_dtype dtype;
+	int ndim;
+	int64_t shape[ST_MAX_DIMS]; /* whole, unsplit */
+	int split_dim;    /* 0, 1 or SPLIT_NONE */
+	int expert;       /* routed expert index (whole on one rank), or -1 */
+	/* The bytes: n_pieces equal parts along split_dim, in order (1: the whole tensor; always 1
+	 * for routed experts and SPLIT_NONE tensors). */
+	mp_piece *pieces;
+	int n_pieces;
+	/* Copies that must hold exactly the bytes of pieces[0] (replicated tensors of every rank). */
+	mp_piece *copies;
+	int n_copies;
+	/* Logical SHA-256 the input's manifest promises, checked as the bytes pass; NULL if none. */
+	const uint8_t *expect_sha256;
+} mp_tensor;
+
+/* "model{rank}-mp{mp}.safetensors" */
+void mp_file_name(char *buf, size_t len, int rank, int mp);
+/* Adds to p every reason the tensors cannot be split `mp` ways with `n_experts` routed experts
+ * (E % mp, an expert index >= E, a split dimension or scale block count not divisible by mp). */
+void mp_check(const mp_tensor *t, size_t n, int mp, int n_experts, mp_problems *p);
+
+typedef struct {
+	uint64_t bytes_written; /* data of the model files */
+	size_t n_files;
+} mp_stats;
+
+/* Writes model{r}-mp{mp}.safetensors for r < mp into o (each file laid out as save_file lays it
+ * out, no metadata) and adds to m each file's SHA-256 and each logical tensor (dtype, whole shape,
+ * SHA-256 of its whole row-major bytes). Work runs on `threads` threads (<= 0: all cores): one
+ * rank file per task plus logical hashing tasks; input pages are dropped after use, so the
+ * resident set stays near the buffers, not the model. Call mp_check first. */
+int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, out_dir *o,
+	     manifest *m, mp_stats *stats, dsv3_error *err);
+
+/* SHA-256 of a file's contents (small files copied next to the shards). */
+int mp_file_sha256(const char *path, uint8_t sha256[32], dsv3_error *err);
+/* Copies what convert.py copies (every regular file whose name contains "token") and config.json
+ * (which it does not) from in_dir into o, adding each to m. A missing config.json is skipped. */
+int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_copied,
+			dsv3_error *err);
+
+#endif
