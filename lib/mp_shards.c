@@ -290,7 +290,7 @@ static int compare_copy(const mp_tensor *t, const mp_piece *copy, dsv3_error *er
 		release_span(copy, &b);
 		if (differ)
 			return dsv3_fail(err, DSV3_EDATA,
-					 "%s: tensor %s: differs from its copy in %s (it must be the "
+					 "%s: tensor %s: differs from the copy in %s (a replicated tensor must be the "
 					 "same on every rank)",
 					 copy->file->path, t->name, ref->file->path);
 	}
