@@ -1,0 +1,700 @@
+/* The cast, in the order fp8_cast_bf16.py does it: files sorted by name, within a file every
+ * tensor (scales dropped, F8_E4M3 weights dequantised, the rest copied), then the index
+ * without the converted weights' scales. Differences: the input is checked whole first, a
+ * weight without a scale is refused instead of copied as FP8, and config.json, the other
+ * files and the manifests are written too, all through one atomic output directory. */
+#include "fp8_cast.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "dtype.h"
+#include "hf_ckpt.h"
+#include "manifest.h"
+#include "out_dir.h"
+#include "progress.h"
+#include "py_json.h"
+#include "safetensors.h"
+#include "sha256.h"
+#include "threadpool.h"
+#include "write_pipe.h"
+
+#define INDEX_NAME "model.safetensors.index.json"
+#define CONFIG_NAME "config.json"
+#define SCALE_SUFFIX "_scale_inv"
+#define CHUNK_BYTES (32u << 20) /* output bytes dequantised per step */
+#define COPY_PIECE (16u << 20)  /* copied tensors reach the writer in pieces this big */
+
+/* One output tensor and where its bytes come from. */
+typedef struct {
+	const st_tensor *src;
+	size_t file;
+	const st_tensor *scale; /* F8_E4M3 weights only */
+	size_t scale_file;
+	st_spec spec;
+} cast_item;
+
+typedef struct {
+	const fp8_cast_options *opt;
+	hf_ckpt ckpt;
+	json_t *config; /* NULL when the input has no config.json */
+	int block_rows, block_cols;
+	out_dir out;
+	manifest man;
+	thread_pool *pool;
+	write_pipe pipe;
+	int next_buffer;
+	progress bar;
+	fp8_cast_stats *stats;
+} fp8_cast;
+
+/* ---- small helpers ---- */
+
+static double now_seconds(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+	size_t a = strlen(s), b = strlen(suffix);
+	return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+static char *path_join(const char *dir, const char *name)
+{
+	size_t len = strlen(dir) + strlen(name) + 2;
+	char *p = malloc(len);
+	if (p)
+		snprintf(p, len, "%s/%s", dir, name);
+	return p;
+}
+
+static void __attribute__((format(printf, 2, 3))) add_problem(problem_list *p, const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	if (p->n == p->cap) {
+		size_t cap = p->cap ? 2 * p->cap : 16;
+		char **l = realloc(p->lines, cap * sizeof *l);
+		if (!l)
+			return;
+		p->lines = l;
+		p->cap = cap;
+	}
+	if ((p->lines[p->n] = strdup(buf)))
+		p->n++;
+}
+
+void problem_list_free(problem_list *p)
+{
+	for (size_t i = 0; i < p->n; i++)
+		free(p->lines[i]);
+	free(p->lines);
+	memset(p, 0, sizeof *p);
+}
+
+static int64_t ceil_div(int64_t a, int64_t b)
+{
+	return (a + b - 1) / b;
+}
+
+static void shape_text(const st_tensor *t, char *buf, size_t len)
+{
+	size_t o = (size_t)snprintf(buf, len, "[");
+	for (int d = 0; d < t->ndim && o < len; d++)
+		o += (size_t)snprintf(buf + o, len - o, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+	if (o < len)
+		snprintf(buf + o, len - o, "]");
+}
+
+/* The scale of weight `name`, anywhere in the checkpoint (fp8_cast_bf16.py looks it up through
+ * the index, so it may sit in another file). */
+static const st_tensor *find_scale(const hf_ckpt *c, const char *name, size_t *file)
+{
+	char scale_name[1024];
+	if ((size_t)snprintf(scale_name, sizeof scale_name, "%s%s", name, SCALE_SUFFIX) >=
+	    sizeof scale_name)
+		return NULL;
+	return hf_ckpt_find(c, scale_name, file);
+}
+
+/* ---- input ---- */
+
+static int load_config(fp8_cast *fc, dsv3_error *err)
+{
+	fc->block_rows = fc->block_cols = 128;
+	char *path = path_join(fc->opt->in_dir, CONFIG_NAME);
+	if (!path)
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	struct stat st;
+	if (stat(path, &st) != 0) {
+		free(path);
+		return 0; /* fp8_cast_bf16.py needs no config; we rewrite one only when present */
+	}
+	json_error_t jerr;
+	fc->config = json_load_file(path, 0, &jerr);
+	int rc = 0;
+	if (!fc->config || !json_is_object(fc->config)) {
+		rc = dsv3_fail(err, DSV3_EDATA, "%s:%d: invalid JSON: %s", path, jerr.line,
+			       fc->config ? "not an object" : jerr.text);
+		goto out;
+	}
+	json_t *bs = json_object_get(json_object_get(fc->config, "quantization_config"),
+				     "weight_block_size");
+	if (!bs)
+		goto out;
+	json_int_t r = json_integer_value(json_array_get(bs, 0));
+	json_int_t c = json_integer_value(json_array_get(bs, 1));
+	if (!json_is_array(bs) || json_array_size(bs) != 2 || r < 1 || c < 1 || r > INT_MAX ||
+	    c > INT_MAX)
+		rc = dsv3_fail(err, DSV3_EDATA,
+			       "%s: quantization_config.weight_block_size must be two positive integers",
+			       path);
+	fc->block_rows = (int)r;
+	fc->block_cols = (int)c;
+out:
+	free(path);
+	return rc;
+}
+
+/* Checks one F8_E4M3 weight: 2-D, its scale present, F32, [ceil(rows/br), ceil(cols/bc)]. */
+static void check_fp8_weight(const fp8_cast *fc, size_t file, const st_tensor *t,
+			     problem_list *problems, size_t *missing)
+{
+	const char *fname = fc->ckpt.file_names[file];
+	char shape[128], sshape[128];
+	shape_text(t, shape, sizeof shape);
+	if (t->ndim != 2) {
+		add_problem(problems, "%s/%s: tensor %s: F8_E4M3 weight of shape %s is not 2-D",
+			    fc->opt->in_dir, fname, t->name, shape);
+		return;
+	}
+	size_t sfile;
+	const st_tensor *s = find_scale(&fc->ckpt, t->name, &sfile);
+	if (!s) {
+		add_problem(problems, "%s/%s: tensor %s: F8_E4M3 weight has no scale %s%s",
+			    fc->opt->in_dir, fname, t->name, t->name, SCALE_SUFFIX);
+		(*missing)++;
+		return;
+	}
+	const char *sname = fc->ckpt.file_names[sfile];
+	shape_text(s, sshape, sizeof sshape);
+	int64_t er = ceil_div(t->shape[0], fc->block_rows), ec = ceil_div(t->shape[1], fc->block_cols);
+	if (s->dtype != ST_F32)
+		add_problem(problems, "%s/%s: tensor %s: scale %s in %s is %s, expected F32",
+			    fc->opt->in_dir, fname, t->name, s->name, sname, dtype_name(s->dtype));
+	else if (s->ndim != 2 || s->shape[0] != er || s->shape[1] != ec)
+		add_problem(problems,
+			    "%s/%s: tensor %s of shape %s: scale %s in %s has shape %s, expected [%lld, %lld]",
+			    fc->opt->in_dir, fname, t->name, shape, s->name, sname, sshape,
+			    (long long)er, (long long)ec);
+}
+
+/* Everything that would make the cast fail on its input, found before anything is written. */
+static int check_input(fp8_cast *fc, problem_list *problems, dsv3_error *err)
+{
+	size_t missing = 0;
+	for (size_t f = 0; f < fc->ckpt.n_files; f++) {
+		const st_file *sf = &fc->ckpt.files[f];
+		for (size_t i = 0; i < sf->n_tensors; i++)
+			if (sf->tensors[i].dtype == ST_F8_E4M3 &&
+			    !ends_with(sf->tensors[i].name, SCALE_SUFFIX))
+				check_fp8_weight(fc, f, &sf->tensors[i], problems, &missing);
+	}
+	if (!problems->n)
+		return 0;
+	if (missing)
+		return dsv3_fail(err, DSV3_EDATA,
+				 "%s: %zu problem(s), %zu F8_E4M3 weight(s) without a scale; nothing written",
+				 fc->opt->in_dir, problems->n, missing);
+	return dsv3_fail(err, DSV3_EDATA, "%s: %zu problem(s) with FP8 weights; nothing written",
+			 fc->opt->in_dir, problems->n);
+}
+
+/* The output tensors of file f (scales dropped), with their sources. */
+static int plan_file(const fp8_cast *fc, size_t f, cast_item **items, size_t *n, dsv3_error *err)
+{
+	const st_file *sf = &fc->ckpt.files[f];
+	*items = calloc(sf->n_tensors + 1, sizeof **items);
+	*n = 0;
+	if (!*items)
+		return dsv3_fail(err, DSV3_EIO, "%s: out of memory", sf->path);
+	for (size_t i = 0; i < sf->n_tensors; i++) {
+		const st_tensor *t = &sf->tensors[i];
+		if (ends_with(t->name, SCALE_SUFFIX))
+			continue;
+		cast_item *it = &(*items)[(*n)++];
+		it->src = t;
+		it->file = f;
+		it->spec.name = t->name;
+		it->spec.dtype = t->dtype;
+		it->spec.ndim = t->ndim;
+		memcpy(it->spec.shape, t->shape, sizeof it->spec.shape);
+		if (t->dtype == ST_F8_E4M3) {
+			it->scale = find_scale(&fc->ckpt, t->name, &it->scale_file);
+			it->spec.dtype = ST_BF16;
+		}
+	}
+	return 0;
+}
+
+/* ---- dequantisation ---- */
+
+typedef struct {
+	const uint8_t *src;   /* first FP8 row of the chunk */
+	uint16_t *dst;        /* first BF16 row of the chunk */
+	const uint8_t *scale; /* the scale's F32 bytes */
+	int64_t row0, cols, scale_cols;
+	int block_rows, block_cols;
+} dequant_chunk;
+
+/* One row: each 128-column piece times its block's scale (a float32 product rounded to BF16,
+ * as fp8_cast_bf16.py's kernel computes it). */
+static void dequant_row(void *arg, size_t i)
+{
+	const dequant_chunk *d = arg;
+	int64_t r = d->row0 + (int64_t)i;
+	const uint8_t *src = d->src + (int64_t)i * d->cols;
+	uint16_t *dst = d->dst + (int64_t)i * d->cols;
+	const uint8_t *srow = d->scale + (size_t)(r / d->block_rows) * (size_t)d->scale_cols * 4;
+	for (int64_t c = 0, b = 0; c < d->cols; c += d->block_cols, b++) {
+		float s;
+		memcpy(&s, srow + 4 * b, 4); /* tensor data need not be 4-aligned */
+		int64_t n = d->cols - c < d->block_cols ? d->cols - c : d->block_cols;
+		e4m3_scale_to_bf16(dst + c, src + c, (size_t)n, s);
+	}
+}
+
+static void push_piece(fp8_cast *fc, const uint8_t *data, size_t len, int buffer, long tensor)
+{
+	pipe_piece piece = { .data = data, .len = len, .buffer = buffer, .tensor = tensor };
+	write_pipe_push(&fc->pipe, &piece);
+	progress_add(&fc->bar, len);
+	fc->stats->bytes_out += len;
+}
+
+/* Dequantises in chunks of whole 128-row blocks across the pool while the writer writes the
+ * previous chunk, so memory stays at a few chunk buffers whatever the tensor's size. */
+static int cast_fp8_tensor(fp8_cast *fc, const cast_item *it, long k, dsv3_error *err)
+{
+	const st_tensor *t = it->src;
+	int64_t rows = t->shape[0], cols = t->shape[1];
+	if (rows == 0 || cols == 0) {
+		push_piece(fc, NULL, 0, -1, k);
+		return 0;
+	}
+	size_t row_bytes = (size_t)cols * 2;
+	size_t block_bytes = row_bytes * (size_t)fc->block_rows;
+	int64_t chunk_rows = (int64_t)fc->block_rows *
+			     (block_bytes >= CHUNK_BYTES ? 1 : (int64_t)(CHUNK_BYTES / block_bytes));
+	dequant_chunk d = { .cols = cols, .scale = it->scale->data,
+			    .scale_cols = it->scale->shape[1], .block_rows = fc->block_rows,
+			    .block_cols = fc->block_cols };
+	for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+		int64_t n = rows - r0 < chunk_rows ? rows - r0 : chunk_rows;
+		int b = fc->next_buffer;
+		fc->next_buffer = (b + 1) % PIPE_BUFFERS;
+		uint8_t *buf = write_pipe_buffer(&fc->pipe, b, (size_t)n * row_bytes);
+		if (!buf)
+			return dsv3_fail(err, DSV3_EIO, "%s: tensor %s: out of memory",
+					 fc->ckpt.files[it->file].path, t->name);
+		d.src = t->data + (size_t)r0 * (size_t)cols;
+		d.dst = (uint16_t *)buf;
+		d.row0 = r0;
+		thread_pool_for(fc->pool, (size_t)n, dequant_row, &d);
+		push_piece(fc, buf, (size_t)n * row_bytes, b, r0 + n >= rows ? k : -1);
+	}
+	/* The writer reads only our buffers, so the FP8 pages can go now. */
+	st_release(&fc->ckpt.files[it->file], t);
+	return 0;
+}
+
+/* Non-FP8 tensors go to the writer straight from the mapping, released once written. */
+static void copy_tensor(fp8_cast *fc, const cast_item *it, long k)
+{
+	const st_tensor *t = it->src;
+	uint64_t off = 0;
+	do {
+		uint64_t len = t->nbytes - off < COPY_PIECE ? t->nbytes - off : COPY_PIECE;
+		int last = off + len >= t->nbytes;
+		pipe_piece piece = { .data = t->data + off, .len = len, .buffer = -1,
+				     .tensor = last ? k : -1 };
+		if (last) {
+			piece.release_file = &fc->ckpt.files[it->file];
+			piece.release = t;
+		}
+		write_pipe_push(&fc->pipe, &piece);
+		progress_add(&fc->bar, len);
+		fc->stats->bytes_out += len;
+		off += len;
+	} while (off < t->nbytes);
+}
+
+/* ---- output ---- */
+
+static int add_tensors_to_manifest(fp8_cast *fc, const cast_item *items, size_t n,
+				   uint8_t (*sha)[32], dsv3_error *err)
+{
+	for (size_t i = 0; i < n; i++) {
+		const st_spec *s = &items[i].spec;
+		if (manifest_add_tensor(&fc->man, s->name, s->dtype, s->ndim, s->shape, sha[i]))
+			return dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+	}
+	return 0;
+}
+
+/* Streams the tensors of one file in the writer's layout order. */
+static int stream_file(fp8_cast *fc, st_writer *w, const cast_item *items, size_t n,
+		       dsv3_error *err)
+{
+	int rc = 0;
+	for (size_t pos = 0; pos < n && !rc; pos++) {
+		size_t k = st_writer_order(w, pos);
+		if (items[k].scale) {
+			rc = cast_fp8_tensor(fc, &items[k], (long)k, err);
+			fc->stats->dequantised++;
+		} else {
+			copy_tensor(fc, &items[k], (long)k);
+		}
+		fc->stats->tensors++;
+	}
+	return rc;
+}
+
+static int cast_file(fp8_cast *fc, size_t f, dsv3_error *err)
+{
+	const char *name = fc->ckpt.file_names[f];
+	cast_item *items;
+	size_t n;
+	int rc = plan_file(fc, f, &items, &n, err);
+	if (rc)
+		return rc;
+	fc->stats->scales_dropped += fc->ckpt.files[f].n_tensors - n;
+	st_spec *specs = calloc(n + 1, sizeof *specs);
+	uint8_t(*sha)[32] = calloc(n + 1, sizeof *sha);
+	st_writer *w = NULL;
+	const char *tmp = out_dir_add(&fc->out, name, err);
+	if (!specs || !sha)
+		rc = dsv3_fail(err, DSV3_EIO, "%s: out of memory", name);
+	else if (!tmp)
+		rc = err->code;
+	for (size_t i = 0; !rc && i < n; i++)
+		specs[i] = items[i].spec;
+	if (!rc)
+		rc = st_writer_open(&w, tmp, specs, n, NULL, err);
+	if (!rc)
+		rc = write_pipe_start(&fc->pipe, w, sha, err);
+	if (!rc) {
+		rc = stream_file(fc, w, items, n, err);
+		dsv3_error werr = {0};
+		int wrc = write_pipe_stop(&fc->pipe, &werr);
+		if (!rc && wrc) {
+			*err = werr;
+			rc = wrc;
+		}
+	}
+	uint8_t file_sha[32];
+	if (!rc) {
+		rc = st_writer_finish(w, file_sha, err);
+		w = NULL;
+	}
+	if (!rc && manifest_add_file(&fc->man, name, file_sha))
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+	if (!rc)
+		rc = add_tensors_to_manifest(fc, items, n, sha, err);
+	st_writer_abort(w);
+	free(specs);
+	free(sha);
+	free(items);
+	return rc;
+}
+
+/* Small files are hashed from what is written (index, config) or read (copies). */
+static int write_small_file(fp8_cast *fc, const char *name, const char *text, size_t len,
+			    dsv3_error *err)
+{
+	uint8_t sha[32];
+	sha256_buffer(text, len, sha);
+	int rc = out_dir_write_file(&fc->out, name, text, len, err);
+	if (!rc && manifest_add_file(&fc->man, name, sha))
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+	return rc;
+}
+
+/* The index fp8_cast_bf16.py writes: the input's weight_map in its order without the scales of
+ * the weights it converted (other *_scale_inv entries stay, as there). */
+static int write_index(fp8_cast *fc, dsv3_error *err)
+{
+	const hf_ckpt *c = &fc->ckpt;
+	char **names = calloc(c->n_index + 1, sizeof *names);
+	char **files = calloc(c->n_index + 1, sizeof *files);
+	size_t n = 0;
+	int rc = 0;
+	if (!names || !files)
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory (index)");
+	for (size_t i = 0; !rc && i < c->n_index; i++) {
+		const char *t = c->index_tensors[i];
+		if (ends_with(t, SCALE_SUFFIX)) {
+			char base[1024];
+			size_t len = strlen(t) - strlen(SCALE_SUFFIX);
+			snprintf(base, sizeof base, "%.*s", (int)len, t);
+			const st_tensor *w = hf_ckpt_find(c, base, NULL);
+			if (w && w->dtype == ST_F8_E4M3)
+				continue;
+		}
+		names[n] = c->index_tensors[i];
+		files[n] = c->index_files[i];
+		n++;
+	}
+	char *text = NULL;
+	size_t len = 0;
+	if (!rc && py_json_index(names, files, n, &text, &len))
+		rc = dsv3_fail(err, DSV3_EDATA, "%s/%s: a name is not valid UTF-8", fc->opt->in_dir,
+			       INDEX_NAME);
+	if (!rc)
+		rc = write_small_file(fc, INDEX_NAME, text, len, err);
+	free(text);
+	free(names);
+	free(files);
+	return rc;
+}
+
+/* config.json without quantization_config, so loaders take the result for BF16. */
+static int write_config(fp8_cast *fc, dsv3_error *err)
+{
+	if (!fc->config)
+		return 0;
+	json_object_del(fc->config, "quantization_config");
+	char *body = json_dumps(fc->config, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+	if (!body)
+		return dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
+	size_t len = strlen(body);
+	char *text = malloc(len + 2);
+	int rc;
+	if (!text) {
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
+	} else {
+		memcpy(text, body, len);
+		memcpy(text + len, "\n", 2);
+		rc = write_small_file(fc, CONFIG_NAME, text, len + 1, err);
+	}
+	free(text);
+	free(body);
+	return rc;
+}
+
+static int hash_file(const char *path, uint8_t sha[32], dsv3_error *err)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return dsv3_fail_errno(err, "cannot open %s", path);
+	sha256_ctx *ctx = sha256_new();
+	char *buf = malloc(1u << 20);
+	int rc = ctx && buf ? 0 : dsv3_fail(err, DSV3_EIO, "%s: out of memory", path);
+	while (!rc) {
+		ssize_t r = read(fd, buf, 1u << 20);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			rc = dsv3_fail_errno(err, "cannot read %s", path);
+		if (r <= 0)
+			break;
+		sha256_update(ctx, buf, (size_t)r);
+	}
+	if (!rc)
+		sha256_final(ctx, sha);
+	sha256_free(ctx);
+	free(buf);
+	close(fd);
+	return rc;
+}
+
+/* Files the cast itself produces or replaces; everything else regular is copied. */
+static int is_own_file(const char *name)
+{
+	static const char *const own[] = { INDEX_NAME, CONFIG_NAME, "SHA256SUMS",
+					   "tensors.sha256.json" };
+	if (name[0] == '.' || ends_with(name, ".safetensors"))
+		return 1;
+	for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
+		if (strcmp(name, own[i]) == 0)
+			return 1;
+	return 0;
+}
+
+static int copy_one(fp8_cast *fc, const char *name, dsv3_error *err)
+{
+	char *src = path_join(fc->opt->in_dir, name);
+	if (!src)
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	struct stat st;
+	int rc = 0;
+	if (stat(src, &st) == 0 && S_ISREG(st.st_mode)) {
+		uint8_t sha[32];
+		rc = out_dir_copy_file(&fc->out, src, name, err);
+		if (!rc)
+			rc = hash_file(src, sha, err);
+		if (!rc && manifest_add_file(&fc->man, name, sha))
+			rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+		if (!rc)
+			fc->stats->other_files++;
+	}
+	free(src);
+	return rc;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Tokenizer files, generation_config.json, README, ...: copied as they are, in name order. */
+static int copy_other_files(fp8_cast *fc, dsv3_error *err)
+{
+	DIR *d = opendir(fc->opt->in_dir);
+	if (!d)
+		return dsv3_fail_errno(err, "cannot open directory %s", fc->opt->in_dir);
+	char **names = NULL;
+	size_t n = 0, cap = 0;
+	int rc = 0;
+	struct dirent *e;
+	while (!rc && (e = readdir(d))) {
+		if (is_own_file(e->d_name))
+			continue;
+		if (n == cap) {
+			cap = cap ? 2 * cap : 16;
+			char **p = realloc(names, cap * sizeof *p);
+			if (!p) {
+				rc = dsv3_fail(err, DSV3_EIO, "out of memory");
+				break;
+			}
+			names = p;
+		}
+		if (!(names[n] = strdup(e->d_name)))
+			rc = dsv3_fail(err, DSV3_EIO, "out of memory");
+		else
+			n++;
+	}
+	closedir(d);
+	if (n)
+		qsort(names, n, sizeof *names, cmp_str);
+	for (size_t i = 0; i < n && !rc; i++)
+		rc = copy_one(fc, names[i], err);
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+	return rc;
+}
+
+/* ---- the run ---- */
+
+static uint64_t output_bytes(const fp8_cast *fc)
+{
+	uint64_t total = 0;
+	for (size_t f = 0; f < fc->ckpt.n_files; f++) {
+		const st_file *sf = &fc->ckpt.files[f];
+		for (size_t i = 0; i < sf->n_tensors; i++) {
+			const st_tensor *t = &sf->tensors[i];
+			if (ends_with(t->name, SCALE_SUFFIX))
+				continue;
+			total += t->dtype == ST_F8_E4M3 ? 2 * t->nbytes : t->nbytes;
+		}
+	}
+	return total;
+}
+
+/* The output must not overwrite the input it is reading. */
+static int check_paths(const fp8_cast_options *opt, dsv3_error *err)
+{
+	char in[PATH_MAX], out[PATH_MAX];
+	if (!realpath(opt->in_dir, in))
+		return dsv3_fail_errno(err, "cannot open input directory %s", opt->in_dir);
+	if (realpath(opt->out_dir, out) && strcmp(in, out) == 0)
+		return dsv3_fail(err, DSV3_EUSAGE, "output directory %s is the input directory",
+				 opt->out_dir);
+	return 0;
+}
+
+static int open_input(fp8_cast *fc, problem_list *problems, dsv3_error *err)
+{
+	int rc = check_paths(fc->opt, err);
+	if (!rc)
+		rc = hf_ckpt_open(&fc->ckpt, fc->opt->in_dir, err);
+	if (rc)
+		return rc;
+	if (!fc->ckpt.has_index)
+		return dsv3_fail(err, DSV3_EDATA, "%s/%s is missing", fc->opt->in_dir, INDEX_NAME);
+	rc = load_config(fc, err);
+	if (!rc)
+		rc = check_input(fc, problems, err);
+	return rc;
+}
+
+static int write_output(fp8_cast *fc, dsv3_error *err)
+{
+	int rc = out_dir_open(&fc->out, fc->opt->out_dir, err);
+	if (rc)
+		return rc;
+	fc->pool = thread_pool_create(fc->opt->threads);
+	if (!fc->pool)
+		return dsv3_fail(err, DSV3_EIO, "cannot start worker threads");
+	progress_start(&fc->bar, "fp8-to-bf16", output_bytes(fc));
+	for (size_t f = 0; f < fc->ckpt.n_files && !rc; f++) {
+		rc = cast_file(fc, f, err);
+		fc->stats->files++;
+	}
+	progress_end(&fc->bar);
+	if (!rc)
+		rc = write_index(fc, err);
+	if (!rc)
+		rc = write_config(fc, err);
+	if (!rc)
+		rc = copy_other_files(fc, err);
+	if (!rc)
+		rc = manifest_write(&fc->man, &fc->out, err);
+	if (!rc)
+		rc = out_dir_commit(&fc->out, err);
+	return rc;
+}
+
+int fp8_cast_run(const fp8_cast_options *opt, problem_list *problems, fp8_cast_stats *stats,
+		 dsv3_error *err)
+{
+	fp8_cast fc;
+	memset(&fc, 0, sizeof fc);
+	memset(stats, 0, sizeof *stats);
+	fc.opt = opt;
+	fc.stats = stats;
+	manifest_init(&fc.man);
+	write_pipe_init(&fc.pipe);
+	double t0 = now_seconds();
+	int rc = open_input(&fc, problems, err);
+	if (!rc)
+		rc = write_output(&fc, err);
+	stats->seconds = now_seconds() - t0;
+	if (fc.out.dir)
+		out_dir_close(&fc.out);
+	thread_pool_destroy(fc.pool);
+	write_pipe_free(&fc.pipe);
+	manifest_free(&fc.man);
+	if (fc.config)
+		json_decref(fc.config);
+	hf_ckpt_close(&fc.ckpt);
+	return rc;
+}

@@ -1,0 +1,34 @@
+/* dsv3-fp8-to-bf16's job (DeepSeek's fp8_cast_bf16.py on the CPU): every F8_E4M3 weight of an
+ * HF checkpoint dequantised by its 128x128 block scale into BF16, the scales dropped, all
+ * other tensors and files copied, the index and config rewritten, manifests added. */
+#ifndef FP8_CAST_H
+#define FP8_CAST_H
+#include <stddef.h>
+#include <stdint.h>
+#include "error.h"
+
+typedef struct {
+	const char *in_dir;
+	const char *out_dir;
+	int threads; /* <= 0: all cores */
+} fp8_cast_options;
+
+/* Problems found while checking the input, one line each (for main to print). */
+typedef struct {
+	char **lines;
+	size_t n, cap;
+} problem_list;
+
+typedef struct {
+	size_t files, tensors, dequantised, scales_dropped, other_files;
+	uint64_t bytes_out;
+	double seconds;
+} fp8_cast_stats;
+
+/* Runs the whole cast. On a bad input every problem goes to `problems` before anything is
+ * written and the return is DSV3_EDATA. */
+int fp8_cast_run(const fp8_cast_options *opt, problem_list *problems, fp8_cast_stats *stats,
+		 dsv3_error *err);
+void problem_list_free(problem_list *p);
+
+#endif

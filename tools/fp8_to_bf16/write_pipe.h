@@ -1,0 +1,58 @@
+/* The output side of dsv3-fp8-to-bf16: a writer thread (st_writer_write, which also hashes
+ * the file) and a tensor-hash thread consume the same queue of byte pieces in order, while the
+ * producer dequantises the next chunk. Pieces either point into the input mapping (copied
+ * tensors) or into one of the producer's buffers, which become reusable once both consumers
+ * are done with them. */
+#ifndef FP8_WRITE_PIPE_H
+#define FP8_WRITE_PIPE_H
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include "error.h"
+#include "safetensors.h"
+#include "sha256.h"
+
+#define PIPE_SLOTS 64
+#define PIPE_BUFFERS 3
+#define PIPE_CONSUMERS 2 /* writer, tensor hasher */
+
+typedef struct {
+	const uint8_t *data;
+	size_t len;
+	int buffer;        /* producer buffer holding data, or -1 (input mapping) */
+	long tensor;       /* >= 0: last piece of output tensor #tensor (finish its hash) */
+	const st_file *release_file; /* input tensor whose pages may be dropped after this piece */
+	const st_tensor *release;
+} pipe_piece;
+
+typedef struct {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	pipe_piece slots[PIPE_SLOTS];
+	size_t head;                     /* pieces pushed */
+	size_t done[PIPE_CONSUMERS];     /* pieces each consumer finished */
+	int closed;
+	int buffer_busy[PIPE_BUFFERS];
+	uint8_t *buffers[PIPE_BUFFERS];
+	size_t buffer_size[PIPE_BUFFERS];
+	st_writer *writer;
+	sha256_ctx *tensor_ctx;
+	uint8_t (*tensor_sha)[32];       /* one per output tensor of the file */
+	int rc;                          /* first writer failure */
+	dsv3_error err;
+	pthread_t threads[PIPE_CONSUMERS];
+	int started;
+} write_pipe;
+
+/* Buffers survive across files; call once, and write_pipe_free at the end. */
+void write_pipe_init(write_pipe *p);
+void write_pipe_free(write_pipe *p);
+/* Starts the consumers for one output file; tensor_sha receives each tensor's hash. */
+int write_pipe_start(write_pipe *p, st_writer *w, uint8_t (*tensor_sha)[32], dsv3_error *err);
+/* Waits until buffer b is free and at least `size` bytes large; returns it (NULL: no memory). */
+uint8_t *write_pipe_buffer(write_pipe *p, int b, size_t size);
+void write_pipe_push(write_pipe *p, const pipe_piece *piece);
+/* Drains and joins the consumers; returns the writer's first error (copied into err). */
+int write_pipe_stop(write_pipe *p, dsv3_error *err);
+
+#endif
