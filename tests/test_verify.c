@@ -1,0 +1,396 @@
+/* dsv3-verify end to end: checksums on HF and converted directories (clean, a flipped bit, a
+ * deleted file, a diverging replicated copy) and ckpt against config.json (clean synthetic
+ * checkpoints and their mp2 conversions; a dropped tensor, a wrong shape, a wrong scale shape). */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "safetensors.h"
+
+/* ---- helpers ---- */
+
+static const char *bin_dir(void)
+{
+	const char *b = getenv("DSV3_BIN");
+	return b ? b : "build/bin";
+}
+
+static int __attribute__((format(printf, 1, 2))) run(const char *fmt, ...)
+{
+	char cmd[8192];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof cmd, fmt, ap);
+	va_end(ap);
+	int rc = system(cmd);
+	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void)st;
+	(void)flag;
+	(void)ftw;
+	return remove(path);
+}
+
+static int make_tmp(void **state)
+{
+	char *dir = strdup("/tmp/dsv3-test-verify-XXXXXX");
+	if (!dir || !mkdtemp(dir))
+		return -1;
+	*state = dir;
+	return 0;
+}
+
+static int remove_tmp(void **state)
+{
+	nftw(*state, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+	free(*state);
+	return 0;
+}
+
+static char *path_in(const char *dir, const char *name)
+{
+	static char buf[4][8192];
+	static int k;
+	k = (k + 1) % 4;
+	snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
+	return buf[k];
+}
+
+static char *slurp(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return NULL;
+	fseek(f, 0, SEEK_END);
+	long n = ftell(f);
+	fseek(f, 0, SEEK_SET);
+	char *s = malloc((size_t)n + 1);
+	assert_non_null(s);
+	assert_int_equal(fread(s, 1, (size_t)n, f), (size_t)n);
+	s[n] = '\0';
+	fclose(f);
+	return s;
+}
+
+static int file_contains(const char *path, const char *needle)
+{
+	char *s = slurp(path);
+	int found = s && strstr(s, needle);
+	free(s);
+	return found;
+}
+
+/* stderr of the last verify run, in the test's directory */
+static const char *err_path(const char *tmp)
+{
+	return path_in(tmp, "stderr");
+}
+
+static int verify(const char *tmp, const char *cmd, const char *dir)
+{
+	return run("%s/dsv3-verify %s %s >%s 2>%s", bin_dir(), cmd, dir, path_in(tmp, "stdout"),
+		   err_path(tmp));
+}
+
+static void synth(const char *preset, const char *dir, int files)
+{
+	assert_int_equal(run("%s/dsv3-synth --preset %s --seed 1 --files %d --out %s >/dev/null",
+			     bin_dir(), preset, files, dir),
+			 0);
+}
+
+static int config_experts(const char *dir)
+{
+	json_error_t jerr;
+	json_t *cfg = json_load_file(path_in(dir, "config.json"), 0, &jerr);
+	assert_non_null(cfg);
+	int e = (int)json_integer_value(json_object_get(cfg, "n_routed_experts"));
+	json_decref(cfg);
+	return e;
+}
+
+static void convert(const char *in, const char *out, int mp)
+{
+	assert_int_equal(run("%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts %d "
+			     "--model-parallel %d 2>/dev/null",
+			     bin_dir(), in, out, config_experts(in), mp),
+			 0);
+}
+
+/* Flips one bit in the middle of tensor `name`'s data in `file`; the offset comes from the
+ * format: 8-byte length, header, data area. */
+static void flip_bit(const char *file, const char *name)
+{
+	st_file f;
+	dsv3_error err = { 0 };
+	assert_int_equal(st_open(&f, file, &err), 0);
+	const st_tensor *t = st_find(&f, name);
+	assert_non_null(t);
+	assert_true(t->nbytes > 0);
+	off_t off = (off_t)(8 + f.header_len + t->begin + t->nbytes / 2);
+	st_close(&f);
+	int fd = open(file, O_RDWR);
+	assert_true(fd >= 0);
+	uint8_t b;
+	assert_int_equal(pread(fd, &b, 1, off), 1);
+	b ^= 0x10;
+	assert_int_equal(pwrite(fd, &b, 1, off), 1);
+	close(fd);
+}
+
+/* Name of the first tensor in `file` whose name ends with `suffix` and has `ndim` dims. */
+static char *tensor_with(const char *file, const char *suffix, int ndim, int skip)
+{
+	st_file f;
+	dsv3_error err = { 0 };
+	assert_int_equal(st_open(&f, file, &err), 0);
+	char *found = NULL;
+	for (size_t i = 0; i < f.n_tensors && !found; i++) {
+		const char *n = f.tensors[i].name;
+		size_t a = strlen(n), b = strlen(suffix);
+		if (a >= b && !strcmp(n + a - b, suffix) && f.tensors[i].ndim == ndim && skip-- == 0)
+			found = strdup(n);
+	}
+	st_close(&f);
+	assert_non_null(found);
+	return found;
+}
+
+/* ---- checksums ---- */
+
+static void test_verify_checksums_ok_on_synth(void **state)
+{
+	const char *tmp = *state;
+	char *dir = strdup(path_in(tmp, "fp8"));
+	synth("tiny", dir, 3);
+	assert_int_equal(verify(tmp, "checksums", dir), 0);
+	assert_true(file_contains(path_in(tmp, "stdout"), "OK: "));
+	free(dir);
+}
+
+static void test_verify_checksums_names_flipped_tensor(void **state)
+{
+	const char *tmp = *state;
+	char *dir = strdup(path_in(tmp, "fp8"));
+	synth("tiny", dir, 3);
+	char *file = strdup(path_in(dir, "model-00002-of-00003.safetensors"));
+	char *name = tensor_with(file, ".weight", 2, 0);
+	flip_bit(file, name);
+	assert_int_equal(verify(tmp, "checksums", dir), 2);
+	char line[1024];
+	snprintf(line, sizeof line, "model-00002-of-00003.safetensors: tensor %s: SHA-256 differs",
+		 name);
+	assert_true(file_contains(err_path(tmp), line));
+	assert_true(file_contains(err_path(tmp),
+				  "model-00002-of-00003.safetensors: SHA-256 differs from SHA256SUMS"));
+	free(name);
+	free(file);
+	free(dir);
+}
+
+static void test_verify_checksums_names_deleted_file(void **state)
+{
+	const char *tmp = *state;
+	char *dir = strdup(path_in(tmp, "fp8"));
+	synth("tiny", dir, 3);
+	assert_int_equal(unlink(path_in(dir, "model-00003-of-00003.safetensors")), 0);
+	assert_int_equal(verify(tmp, "checksums", dir), 2);
+	assert_true(file_contains(err_path(tmp), "model-00003-of-00003.safetensors: missing"));
+	free(dir);
+}
+
+static void test_verify_checksums_converted_mp2(void **state)
+{
+	const char *tmp = *state;
+	char *in = strdup(path_in(tmp, "fp8")), *mp = strdup(path_in(tmp, "mp2"));
+	synth("tiny", in, 3);
+	convert(in, mp, 2);
+	assert_int_equal(verify(tmp, "checksums", mp), 0);
+	assert_true(file_contains(path_in(tmp, "stdout"), "OK: "));
+
+	/* a row-split weight on rank 1: the logical tensor's hash no longer matches */
+	char *file = strdup(path_in(mp, "model1-mp2.safetensors"));
+	flip_bit(file, "layers.0.attn.wq_b.weight");
+	assert_int_equal(verify(tmp, "checksums", mp), 2);
+	assert_true(file_contains(err_path(tmp), "tensor layers.0.attn.wq_b.weight: SHA-256 differs"));
+	assert_true(file_contains(err_path(tmp), "model1-mp2.safetensors: SHA-256 differs"));
+	free(file);
+	free(in);
+	free(mp);
+}
+
+/* A replicated tensor whose rank-1 copy differs from rank 0's is named with its file. */
+static void test_verify_checksums_converted_replica_differs(void **state)
+{
+	const char *tmp = *state;
+	char *in = strdup(path_in(tmp, "fp8")), *mp = strdup(path_in(tmp, "mp2"));
+	synth("tiny", in, 1);
+	convert(in, mp, 2);
+	flip_bit(path_in(mp, "model1-mp2.safetensors"), "layers.1.attn_norm.weight");
+	assert_int_equal(verify(tmp, "checksums", mp), 2);
+	assert_true(file_contains(err_path(tmp), "model1-mp2.safetensors: tensor "
+						 "layers.1.attn_norm.weight: replicated copy differs"));
+	free(in);
+	free(mp);
+}
+
+/* ---- ckpt ---- */
+
+static void test_verify_ckpt_ok_on_synth_and_conversions(void **state)
+{
+	const char *tmp = *state;
+	static const char *presets[] = { "tiny", "tiny-v2" };
+	for (int i = 0; i < 2; i++) {
+		char *in = strdup(path_in(tmp, presets[i])), *mp = strdup(path_in(tmp, "mp2"));
+		synth(presets[i], in, 2);
+		assert_int_equal(verify(tmp, "ckpt", in), 0);
+		assert_true(file_contains(path_in(tmp, "stdout"), "OK: "));
+		convert(in, mp, 2);
+		assert_int_equal(verify(tmp, "ckpt", mp), 0);
+		assert_true(file_contains(path_in(tmp, "stdout"), "converted layout"));
+		assert_int_equal(run("rm -rf %s", mp), 0);
+		free(in);
+		free(mp);
+	}
+}
+
+/* Rewrites `file` without tensor `drop`, with `reshape` given one element fewer in dim 0 and
+ * the scale `rescale` given one more column: data is zeros where the size changed. */
+static void rewrite_broken(const char *file, const char *drop, const char *reshape,
+			   const char *rescale)
+{
+	st_file f;
+	dsv3_error err = { 0 };
+	assert_int_equal(st_open(&f, file, &err), 0);
+	st_spec *specs = calloc(f.n_tensors, sizeof *specs);
+	const uint8_t **data = calloc(f.n_tensors, sizeof *data);
+	uint64_t *bytes = calloc(f.n_tensors, sizeof *bytes);
+	size_t n = 0;
+	for (size_t i = 0; i < f.n_tensors; i++) {
+		const st_tensor *t = &f.tensors[i];
+		if (!strcmp(t->name, drop))
+			continue;
+		specs[n] = (st_spec){ .name = t->name, .dtype = t->dtype, .ndim = t->ndim };
+		memcpy(specs[n].shape, t->shape, sizeof specs[n].shape);
+		data[n] = t->data;
+		bytes[n] = t->nbytes;
+		if (!strcmp(t->name, reshape)) {
+			specs[n].shape[0]--;
+			data[n] = NULL;
+			bytes[n] = t->nbytes / (uint64_t)t->shape[0] * (uint64_t)specs[n].shape[0];
+		} else if (!strcmp(t->name, rescale)) {
+			specs[n].shape[1]++;
+			data[n] = NULL;
+			bytes[n] = 4 * (uint64_t)specs[n].shape[0] * (uint64_t)specs[n].shape[1];
+		}
+		n++;
+	}
+	char tmp[8192];
+	snprintf(tmp, sizeof tmp, "%s.new", file);
+	st_writer *w;
+	assert_int_equal(st_writer_open(&w, tmp, specs, n, NULL, &err), 0);
+	for (size_t pos = 0; pos < n; pos++) {
+		size_t k = st_writer_order(w, pos);
+		uint8_t *zeros = data[k] ? NULL : calloc(1, bytes[k] + 1);
+		assert_int_equal(st_writer_write(w, data[k] ? data[k] : zeros, bytes[k], &err), 0);
+		free(zeros);
+	}
+	assert_int_equal(st_writer_finish(w, NULL, &err), 0);
+	st_close(&f);
+	assert_int_equal(rename(tmp, file), 0);
+	free(specs);
+	free(data);
+	free(bytes);
+}
+
+static void test_verify_ckpt_names_each_structural_problem(void **state)
+{
+	const char *tmp = *state;
+	char *dir = strdup(path_in(tmp, "fp8"));
+	synth("tiny", dir, 3);
+	char *file = strdup(path_in(dir, "model-00001-of-00003.safetensors"));
+	char *drop = tensor_with(file, "norm.weight", 1, 0);
+	char *reshape = tensor_with(file, "norm.weight", 1, 1);
+	char *rescale = tensor_with(file, ".weight_scale_inv", 2, 0);
+	rewrite_broken(file, drop, reshape, rescale);
+	assert_int_equal(verify(tmp, "ckpt", dir), 2);
+	char line[1024];
+	snprintf(line, sizeof line, "tensor %s: missing", drop);
+	assert_true(file_contains(err_path(tmp), line));
+	snprintf(line, sizeof line, "model-00001-of-00003.safetensors: tensor %s: shape", reshape);
+	assert_true(file_contains(err_path(tmp), line));
+	snprintf(line, sizeof line, "model-00001-of-00003.safetensors: tensor %s: shape", rescale);
+	assert_true(file_contains(err_path(tmp), line));
+	free(drop);
+	free(reshape);
+	free(rescale);
+	free(file);
+	free(dir);
+}
+
+/* A tensor the config does not describe is reported as unexpected. */
+static void test_verify_ckpt_names_unexpected_tensor(void **state)
+{
+	const char *tmp = *state;
+	char *dir = strdup(path_in(tmp, "v2"));
+	synth("tiny-v2", dir, 1);
+	assert_int_equal(run("%s/dsv3-synth --preset tiny --seed 1 --files 1 --out %s/fp8 >/dev/null "
+			     "&& cp %s/fp8/model-00001-of-00001.safetensors %s/extra.safetensors",
+			     bin_dir(), tmp, tmp, dir),
+			 0);
+	assert_int_equal(verify(tmp, "ckpt", dir), 2);
+	assert_true(file_contains(err_path(tmp), "extra.safetensors: tensor "));
+	assert_true(file_contains(err_path(tmp), ": unexpected"));
+	free(dir);
+}
+
+static void test_verify_usage_help_version(void **state)
+{
+	(void)state;
+	assert_int_equal(run("%s/dsv3-verify --help >/dev/null", bin_dir()), 0);
+	assert_int_equal(run("%s/dsv3-verify checksums --help >/dev/null", bin_dir()), 0);
+	assert_int_equal(run("%s/dsv3-verify ckpt --help >/dev/null", bin_dir()), 0);
+	assert_int_equal(run("%s/dsv3-verify --version | grep -q '^dsv3-verify '", bin_dir()), 0);
+	assert_int_equal(run("%s/dsv3-verify 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run("%s/dsv3-verify nonsense x 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run("%s/dsv3-verify checksums 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run("%s/dsv3-verify ckpt a b 2>/dev/null", bin_dir()), 1);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_verify_checksums_ok_on_synth, make_tmp, remove_tmp),
+		cmocka_unit_test_setup_teardown(test_verify_checksums_names_flipped_tensor, make_tmp,
+						remove_tmp),
+		cmocka_unit_test_setup_teardown(test_verify_checksums_names_deleted_file, make_tmp,
+						remove_tmp),
+		cmocka_unit_test_setup_teardown(test_verify_checksums_converted_mp2, make_tmp,
+						remove_tmp),
+		cmocka_unit_test_setup_teardown(test_verify_checksums_converted_replica_differs,
+						make_tmp, remove_tmp),
+		cmocka_unit_test_setup_teardown(test_verify_ckpt_ok_on_synth_and_conversions, make_tmp,
+						remove_tmp),
+		cmocka_unit_test_setup_teardown(test_verify_ckpt_names_each_structural_problem,
+						make_tmp, remove_tmp),
+		cmocka_unit_test_setup_teardown(test_verify_ckpt_names_unexpected_tensor, make_tmp,
+						remove_tmp),
+		cmocka_unit_test(test_verify_usage_help_version),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,64 @@
+/* dsv3-verify: shared pieces of its subcommands (checksums, ckpt; logits comes later). */
+#ifndef DSV3_VERIFY_H
+#define DSV3_VERIFY_H
+#include <stddef.h>
+#include <stdio.h>
+#include "error.h"
+#include "safetensors.h"
+
+#define VERIFY_PROG "dsv3-verify"
+
+/* Every problem found, one line each; `io` is set when one of them was an I/O failure (exit 3
+ * rather than 2). */
+typedef struct {
+	char **lines;
+	size_t n, cap;
+	int io;
+} problem_list;
+
+void problem_add(problem_list *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Adds err's message (as a problem, I/O or data per its code). */
+void problem_add_error(problem_list *p, const dsv3_error *err);
+void problem_list_free(problem_list *p);
+/* Prints each problem on stderr; returns the exit code: 0 none, 2 data, 3 I/O. */
+int problem_list_report(const problem_list *p);
+
+/* One tensor of a directory, found by name. */
+typedef struct {
+	const char *name;
+	size_t file; /* index into ckpt_dir.files */
+	const st_tensor *tensor;
+} dir_tensor;
+
+/* A checkpoint directory's safetensors files, either the Hugging Face layout or the converted
+ * one (every file named model{r}-mp{N}.safetensors; then files[r] is rank r). */
+typedef struct {
+	char *dir;
+	int converted;
+	int mp;             /* N of a converted directory */
+	size_t n_files;
+	char **file_names;  /* NULL for a rank whose file is missing */
+	st_file *files;
+	int *opened;        /* files[i] is valid */
+	dir_tensor *tensors; /* sorted by name, then file */
+	size_t n_tensors;
+} ckpt_dir;
+
+/* Opens every *.safetensors of dir. Missing ranks and files that fail to open are problems;
+ * the rest stays usable. Returns non-zero only when nothing can be checked at all. */
+int ckpt_dir_open(ckpt_dir *d, const char *dir, problem_list *problems, dsv3_error *err);
+void ckpt_dir_close(ckpt_dir *d);
+/* First of the tensors named `name` (sorted by file) and how many there are. */
+const dir_tensor *ckpt_dir_find(const ckpt_dir *d, const char *name, size_t *count);
+/* "DIR/FILE" for messages. */
+void ckpt_dir_file_path(const ckpt_dir *d, size_t file, char *buf, size_t len);
+/* "[a, b]" */
+void shape_text(int ndim, const int64_t *shape, char *buf, size_t len);
+
+/* Subcommands: argv[0] is the subcommand's name. Return the exit code. */
+int verify_checksums(int argc, char **argv);
+int verify_ckpt(int argc, char **argv);
+/* Parses "--threads T"; -1 when T is not a positive integer. */
+int parse_threads(const char *s, int *out);
+
+#endif
