@@ -147,7 +147,11 @@ static int teardown(void **state)
 /* A fresh output path under the fixture's root. */
 static const char *out_path(const fixture *fx, const char *name)
 {
-	char *p = path_in(fx->root, name);
+	/* Its own ring: path_in's slots are reused within a test. */
+	static char paths[32][4096];
+	static int k;
+	char *p = paths[k++ % 32];
+	snprintf(p, sizeof paths[0], "%s/%s", fx->root, name);
 	nftw(p, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 	return p;
 }
