@@ -387,10 +387,10 @@ void st_close(st_file *f)
 
 const st_tensor *st_find(const st_file *f, const char *name)
 {
-	const size_t *idx = name_index(f);
-	size_t lo = 0, hi = f->n_tensors;
 	if (!f->tensors)
 		return NULL;
+	const size_t *idx = name_index(f);
+	size_t lo = 0, hi = f->n_tensors;
 	while (lo < hi) {
 		size_t mid = lo + (hi - lo) / 2;
 		const st_tensor *t = &f->tensors[idx[mid]];
