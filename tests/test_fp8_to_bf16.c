@@ -229,10 +229,16 @@ static int dir_has_final_files(const char *dir)
 	return n > 0;
 }
 
+static int cast_threads(const char *in, const char *out, const char *stderr_path, int threads)
+{
+	return run("%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s --output-bf16-hf-path %s "
+		   "--threads %d 2>%s",
+		   bin_dir(), in, out, threads, stderr_path ? stderr_path : "/dev/null");
+}
+
 static int cast(const char *in, const char *out, const char *stderr_path)
 {
-	return run("%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s --output-bf16-hf-path %s 2>%s",
-		   bin_dir(), in, out, stderr_path ? stderr_path : "/dev/null");
+	return cast_threads(in, out, stderr_path, 2);
 }
 
 /* ---- synthetic checkpoint ---- */
@@ -247,7 +253,8 @@ static void test_fp8_cast_synth_values_match_reference(void **state)
 	snprintf(out, sizeof out, "%s/bf16", tmp);
 	assert_int_equal(run("%s/dsv3-synth --preset tiny --seed 1 --files 3 --out %s >/dev/null",
 			     bin_dir(), in), 0);
-	assert_int_equal(cast(in, out, NULL), 0);
+	/* 12 threads: three files in flight at once */
+	assert_int_equal(cast_threads(in, out, NULL, 12), 0);
 
 	hf_ckpt ic, oc;
 	dsv3_error err = { 0 };

@@ -128,19 +128,6 @@ static void check_unlisted(const ckpt_dir *d, const manifest *m, problem_list *p
 	}
 }
 
-static int check_files(const char *dir, const manifest *m, thread_pool *pool,
-		       problem_list *problems)
-{
-	job_result *results = calloc(m->n_files + 1, sizeof *results);
-	if (!results)
-		return -1;
-	file_jobs j = { dir, m, results };
-	thread_pool_for(pool, m->n_files, check_file, &j);
-	collect(problems, results, m->n_files);
-	free(results);
-	return 0;
-}
-
 /* ---- tensors ---- */
 
 /* SHA-256 fed in batches: a column-split tensor arrives in row pieces of a few hundred bytes. */
@@ -389,17 +376,35 @@ static void check_uncovered(const ckpt_dir *d, const manifest *m, problem_list *
 	}
 }
 
-static int check_tensors(const ckpt_dir *d, manifest *m, thread_pool *pool,
-			 problem_list *problems)
+/* Files and tensors in one parallel loop (a file's hash is one serial pass, so the big files
+ * and the big tensors are best hashed side by side); findings are reported files first. */
+typedef struct {
+	file_jobs files;
+	tensor_jobs tensors;
+} all_jobs;
+
+static void check_one(void *arg, size_t i)
+{
+	all_jobs *j = arg;
+	if (i < j->files.m->n_files)
+		check_file(&j->files, i);
+	else
+		check_tensor(&j->tensors, i - j->files.m->n_files);
+}
+
+static int check_all(const char *dir, const ckpt_dir *d, manifest *m, thread_pool *pool,
+		     problem_list *problems)
 {
 	qsort(m->tensors, m->n_tensors, sizeof *m->tensors, cmp_manifest_tensor);
-	job_result *results = calloc(m->n_tensors + 1, sizeof *results);
+	size_t n = m->n_files + m->n_tensors;
+	job_result *results = calloc(n + 1, sizeof *results);
 	if (!results)
 		return -1;
-	tensor_jobs j = { d, m, results };
-	thread_pool_for(pool, m->n_tensors, check_tensor, &j);
-	collect(problems, results, m->n_tensors);
+	all_jobs j = { { dir, m, results }, { d, m, results + m->n_files } };
+	thread_pool_for(pool, n, check_one, &j);
+	collect(problems, results, n);
 	free(results);
+	check_unlisted(d, m, problems);
 	check_uncovered(d, m, problems);
 	return 0;
 }
@@ -455,14 +460,11 @@ static int parse_args(int argc, char **argv, const char **dir, int *threads, int
 static int run_checks(const char *dir, manifest *m, thread_pool *pool, problem_list *problems,
 		      dsv3_error *err)
 {
-	if (check_files(dir, m, pool, problems))
-		return dsv3_fail(err, DSV3_EIO, "out of memory");
 	ckpt_dir d;
 	int rc = ckpt_dir_open(&d, dir, problems, err);
 	if (rc)
 		return rc;
-	check_unlisted(&d, m, problems);
-	if (check_tensors(&d, m, pool, problems))
+	if (check_all(dir, &d, m, pool, problems))
 		rc = dsv3_fail(err, DSV3_EIO, "out of memory");
 	ckpt_dir_close(&d);
 	return rc;

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <jansson.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,8 +33,9 @@
 #define INDEX_NAME "model.safetensors.index.json"
 #define CONFIG_NAME "config.json"
 #define SCALE_SUFFIX "_scale_inv"
-#define CHUNK_BYTES (32u << 20) /* output bytes dequantised per step */
-#define COPY_PIECE (16u << 20)  /* copied tensors reach the writer in pieces this big */
+#define CHUNK_BYTES (16u << 20) /* output bytes dequantised per step */
+#define COPY_PIECE (8u << 20)   /* copied tensors reach the writer in pieces this big */
+#define THREADS_PER_FILE 4      /* a file's writer, hasher and ~2 dequantisers */
 
 /* One output tensor and where its bytes come from. */
 typedef struct {
@@ -51,12 +53,26 @@ typedef struct {
 	int block_rows, block_cols;
 	out_dir out;
 	manifest man;
+	progress bar;
+	fp8_cast_stats *stats;
+	pthread_mutex_t lock; /* out, man, bar, next_file and failed, shared by the file workers */
+	size_t next_file;
+	int failed;
+} fp8_cast;
+
+/* Writes one output file at a time with its own dequantisation pool and writer pipeline.
+ * A file's SHA-256 is one serial pass inside st_writer_write, so throughput comes from
+ * several files in flight at once. */
+typedef struct {
+	fp8_cast *fc;
 	thread_pool *pool;
 	write_pipe pipe;
 	int next_buffer;
-	progress bar;
-	fp8_cast_stats *stats;
-} fp8_cast;
+	fp8_cast_stats stats;
+	pthread_t thread;
+	int rc;
+	dsv3_error err;
+} file_worker;
 
 /* ---- small helpers ---- */
 
@@ -281,22 +297,25 @@ static void dequant_row(void *arg, size_t i)
 	}
 }
 
-static void push_piece(fp8_cast *fc, const uint8_t *data, size_t len, int buffer, long tensor)
+static void push_piece(file_worker *w, const uint8_t *data, size_t len, int buffer, long tensor)
 {
 	pipe_piece piece = { .data = data, .len = len, .buffer = buffer, .tensor = tensor };
-	write_pipe_push(&fc->pipe, &piece);
-	progress_add(&fc->bar, len);
-	fc->stats->bytes_out += len;
+	write_pipe_push(&w->pipe, &piece);
+	pthread_mutex_lock(&w->fc->lock);
+	progress_add(&w->fc->bar, len);
+	pthread_mutex_unlock(&w->fc->lock);
+	w->stats.bytes_out += len;
 }
 
 /* Dequantises in chunks of whole 128-row blocks across the pool while the writer writes the
  * previous chunk, so memory stays at a few chunk buffers whatever the tensor's size. */
-static int cast_fp8_tensor(fp8_cast *fc, const cast_item *it, long k, dsv3_error *err)
+static int cast_fp8_tensor(file_worker *w, const cast_item *it, long k, dsv3_error *err)
 {
+	fp8_cast *fc = w->fc;
 	const st_tensor *t = it->src;
 	int64_t rows = t->shape[0], cols = t->shape[1];
 	if (rows == 0 || cols == 0) {
-		push_piece(fc, NULL, 0, -1, k);
+		push_piece(w, NULL, 0, -1, k);
 		return 0;
 	}
 	size_t row_bytes = (size_t)cols * 2;
@@ -308,88 +327,89 @@ static int cast_fp8_tensor(fp8_cast *fc, const cast_item *it, long k, dsv3_error
 			    .block_cols = fc->block_cols };
 	for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
 		int64_t n = rows - r0 < chunk_rows ? rows - r0 : chunk_rows;
-		int b = fc->next_buffer;
-		fc->next_buffer = (b + 1) % PIPE_BUFFERS;
-		uint8_t *buf = write_pipe_buffer(&fc->pipe, b, (size_t)n * row_bytes);
+		int b = w->next_buffer;
+		w->next_buffer = (b + 1) % PIPE_BUFFERS;
+		uint8_t *buf = write_pipe_buffer(&w->pipe, b, (size_t)n * row_bytes);
 		if (!buf)
 			return dsv3_fail(err, DSV3_EIO, "%s: tensor %s: out of memory",
 					 fc->ckpt.files[it->file].path, t->name);
 		d.src = t->data + (size_t)r0 * (size_t)cols;
 		d.dst = (uint16_t *)buf;
 		d.row0 = r0;
-		thread_pool_for(fc->pool, (size_t)n, dequant_row, &d);
-		push_piece(fc, buf, (size_t)n * row_bytes, b, r0 + n >= rows ? k : -1);
+		thread_pool_for(w->pool, (size_t)n, dequant_row, &d);
+		release_input_range(d.src, (size_t)n * (size_t)cols);
+		push_piece(w, buf, (size_t)n * row_bytes, b, r0 + n >= rows ? k : -1);
 	}
-	/* The writer reads only our buffers, so the FP8 pages can go now. */
-	st_release(&fc->ckpt.files[it->file], t);
+	st_release(&fc->ckpt.files[it->scale_file], it->scale);
 	return 0;
 }
 
 /* Non-FP8 tensors go to the writer straight from the mapping, released once written. */
-static void copy_tensor(fp8_cast *fc, const cast_item *it, long k)
+static void copy_tensor(file_worker *w, const cast_item *it, long k)
 {
 	const st_tensor *t = it->src;
 	uint64_t off = 0;
 	do {
 		uint64_t len = t->nbytes - off < COPY_PIECE ? t->nbytes - off : COPY_PIECE;
-		int last = off + len >= t->nbytes;
-		pipe_piece piece = { .data = t->data + off, .len = len, .buffer = -1,
-				     .tensor = last ? k : -1 };
-		if (last) {
-			piece.release_file = &fc->ckpt.files[it->file];
-			piece.release = t;
-		}
-		write_pipe_push(&fc->pipe, &piece);
-		progress_add(&fc->bar, len);
-		fc->stats->bytes_out += len;
+		/* Faulting the pages in here keeps that cost off the writer, the slowest stage. */
+		prefault_input_range(t->data + off, len);
+		push_piece(w, t->data + off, len, -1, off + len >= t->nbytes ? k : -1);
 		off += len;
 	} while (off < t->nbytes);
 }
 
 /* ---- output ---- */
 
-static int add_tensors_to_manifest(fp8_cast *fc, const cast_item *items, size_t n,
-				   uint8_t (*sha)[32], dsv3_error *err)
+static int add_file_to_manifest(fp8_cast *fc, const char *name, const uint8_t file_sha[32],
+				const cast_item *items, size_t n, uint8_t (*sha)[32], dsv3_error *err)
 {
-	for (size_t i = 0; i < n; i++) {
+	int rc = 0;
+	pthread_mutex_lock(&fc->lock);
+	if (manifest_add_file(&fc->man, name, file_sha))
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+	for (size_t i = 0; i < n && !rc; i++) {
 		const st_spec *s = &items[i].spec;
 		if (manifest_add_tensor(&fc->man, s->name, s->dtype, s->ndim, s->shape, sha[i]))
-			return dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+			rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
 	}
-	return 0;
+	pthread_mutex_unlock(&fc->lock);
+	return rc;
 }
 
 /* Streams the tensors of one file in the writer's layout order. */
-static int stream_file(fp8_cast *fc, st_writer *w, const cast_item *items, size_t n,
+static int stream_file(file_worker *fw, st_writer *w, const cast_item *items, size_t n,
 		       dsv3_error *err)
 {
 	int rc = 0;
 	for (size_t pos = 0; pos < n && !rc; pos++) {
 		size_t k = st_writer_order(w, pos);
 		if (items[k].scale) {
-			rc = cast_fp8_tensor(fc, &items[k], (long)k, err);
-			fc->stats->dequantised++;
+			rc = cast_fp8_tensor(fw, &items[k], (long)k, err);
+			fw->stats.dequantised++;
 		} else {
-			copy_tensor(fc, &items[k], (long)k);
+			copy_tensor(fw, &items[k], (long)k);
 		}
-		fc->stats->tensors++;
+		fw->stats.tensors++;
 	}
 	return rc;
 }
 
-static int cast_file(fp8_cast *fc, size_t f, dsv3_error *err)
+static int cast_file(file_worker *fw, size_t f, dsv3_error *err)
 {
+	fp8_cast *fc = fw->fc;
 	const char *name = fc->ckpt.file_names[f];
 	cast_item *items;
 	size_t n;
 	int rc = plan_file(fc, f, &items, &n, err);
 	if (rc)
 		return rc;
-	fc->stats->scales_dropped += fc->ckpt.files[f].n_tensors - n;
+	fw->stats.scales_dropped += fc->ckpt.files[f].n_tensors - n;
 	st_spec *specs = calloc(n + 1, sizeof *specs);
 	uint8_t(*sha)[32] = calloc(n + 1, sizeof *sha);
 	st_writer *w = NULL;
+	pthread_mutex_lock(&fc->lock);
 	const char *tmp = out_dir_add(&fc->out, name, err);
+	pthread_mutex_unlock(&fc->lock);
 	if (!specs || !sha)
 		rc = dsv3_fail(err, DSV3_EIO, "%s: out of memory", name);
 	else if (!tmp)
@@ -399,11 +419,11 @@ static int cast_file(fp8_cast *fc, size_t f, dsv3_error *err)
 	if (!rc)
 		rc = st_writer_open(&w, tmp, specs, n, NULL, err);
 	if (!rc)
-		rc = write_pipe_start(&fc->pipe, w, sha, err);
+		rc = write_pipe_start(&fw->pipe, w, sha, err);
 	if (!rc) {
-		rc = stream_file(fc, w, items, n, err);
+		rc = stream_file(fw, w, items, n, err);
 		dsv3_error werr = {0};
-		int wrc = write_pipe_stop(&fc->pipe, &werr);
+		int wrc = write_pipe_stop(&fw->pipe, &werr);
 		if (!rc && wrc) {
 			*err = werr;
 			rc = wrc;
@@ -414,10 +434,8 @@ static int cast_file(fp8_cast *fc, size_t f, dsv3_error *err)
 		rc = st_writer_finish(w, file_sha, err);
 		w = NULL;
 	}
-	if (!rc && manifest_add_file(&fc->man, name, file_sha))
-		rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
 	if (!rc)
-		rc = add_tensors_to_manifest(fc, items, n, sha, err);
+		rc = add_file_to_manifest(fc, name, file_sha, items, n, sha, err);
 	st_writer_abort(w);
 	free(specs);
 	free(sha);
@@ -646,19 +664,100 @@ static int open_input(fp8_cast *fc, problem_list *problems, dsv3_error *err)
 	return rc;
 }
 
+static void *file_worker_main(void *arg)
+{
+	file_worker *w = arg;
+	fp8_cast *fc = w->fc;
+	for (;;) {
+		pthread_mutex_lock(&fc->lock);
+		size_t f = fc->next_file++;
+		int stop = fc->failed || f >= fc->ckpt.n_files;
+		pthread_mutex_unlock(&fc->lock);
+		if (stop)
+			break;
+		w->rc = cast_file(w, f, &w->err);
+		w->stats.files++;
+		if (w->rc) {
+			pthread_mutex_lock(&fc->lock);
+			fc->failed = 1;
+			pthread_mutex_unlock(&fc->lock);
+			break;
+		}
+	}
+	return NULL;
+}
+
+static void add_stats(fp8_cast_stats *to, const fp8_cast_stats *s)
+{
+	to->files += s->files;
+	to->tensors += s->tensors;
+	to->dequantised += s->dequantised;
+	to->scales_dropped += s->scales_dropped;
+	to->bytes_out += s->bytes_out;
+}
+
+/* All cores split between files in flight (THREADS_PER_FILE each) and, within a file, the
+ * dequantisation pool. */
+static int worker_count(const fp8_cast *fc, int *pool_threads)
+{
+	int threads = fc->opt->threads;
+	if (threads <= 0) {
+		long n = sysconf(_SC_NPROCESSORS_ONLN);
+		threads = n > 0 ? (int)n : 1;
+	}
+	size_t k = (size_t)(threads / THREADS_PER_FILE);
+	if (k < 1)
+		k = 1;
+	if (k > fc->ckpt.n_files)
+		k = fc->ckpt.n_files ? fc->ckpt.n_files : 1;
+	*pool_threads = threads / (int)k > 0 ? threads / (int)k : 1;
+	return (int)k;
+}
+
+/* Runs the file workers; returns the first failure. */
+static int cast_files(fp8_cast *fc, dsv3_error *err)
+{
+	int pool_threads, k = worker_count(fc, &pool_threads);
+	file_worker *w = calloc((size_t)k, sizeof *w);
+	if (!w)
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	int started = 0, rc = 0;
+	for (; started < k; started++) {
+		w[started].fc = fc;
+		write_pipe_init(&w[started].pipe);
+		w[started].pool = thread_pool_create(pool_threads);
+		if (!w[started].pool ||
+		    pthread_create(&w[started].thread, NULL, file_worker_main, &w[started]) != 0) {
+			rc = dsv3_fail(err, DSV3_EIO, "cannot start worker threads");
+			thread_pool_destroy(w[started].pool);
+			write_pipe_free(&w[started].pipe);
+			pthread_mutex_lock(&fc->lock);
+			fc->failed = 1;
+			pthread_mutex_unlock(&fc->lock);
+			break;
+		}
+	}
+	for (int i = 0; i < started; i++) {
+		pthread_join(w[i].thread, NULL);
+		if (w[i].rc && !rc) {
+			*err = w[i].err;
+			rc = w[i].rc;
+		}
+		add_stats(fc->stats, &w[i].stats);
+		thread_pool_destroy(w[i].pool);
+		write_pipe_free(&w[i].pipe);
+	}
+	free(w);
+	return rc;
+}
+
 static int write_output(fp8_cast *fc, dsv3_error *err)
 {
 	int rc = out_dir_open(&fc->out, fc->opt->out_dir, err);
 	if (rc)
 		return rc;
-	fc->pool = thread_pool_create(fc->opt->threads);
-	if (!fc->pool)
-		return dsv3_fail(err, DSV3_EIO, "cannot start worker threads");
 	progress_start(&fc->bar, "fp8-to-bf16", output_bytes(fc));
-	for (size_t f = 0; f < fc->ckpt.n_files && !rc; f++) {
-		rc = cast_file(fc, f, err);
-		fc->stats->files++;
-	}
+	rc = cast_files(fc, err);
 	progress_end(&fc->bar);
 	if (!rc)
 		rc = write_index(fc, err);
@@ -682,7 +781,7 @@ int fp8_cast_run(const fp8_cast_options *opt, problem_list *problems, fp8_cast_s
 	fc.opt = opt;
 	fc.stats = stats;
 	manifest_init(&fc.man);
-	write_pipe_init(&fc.pipe);
+	pthread_mutex_init(&fc.lock, NULL);
 	double t0 = now_seconds();
 	int rc = open_input(&fc, problems, err);
 	if (!rc)
@@ -690,8 +789,7 @@ int fp8_cast_run(const fp8_cast_options *opt, problem_list *problems, fp8_cast_s
 	stats->seconds = now_seconds() - t0;
 	if (fc.out.dir)
 		out_dir_close(&fc.out);
-	thread_pool_destroy(fc.pool);
-	write_pipe_free(&fc.pipe);
+	pthread_mutex_destroy(&fc.lock);
 	manifest_free(&fc.man);
 	if (fc.config)
 		json_decref(fc.config);

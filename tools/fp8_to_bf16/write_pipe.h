@@ -12,7 +12,7 @@
 #include "safetensors.h"
 #include "sha256.h"
 
-#define PIPE_SLOTS 64
+#define PIPE_SLOTS 8 /* bounds how far the hasher and the writer drift apart */
 #define PIPE_BUFFERS 3
 #define PIPE_CONSUMERS 2 /* writer, tensor hasher */
 
@@ -21,8 +21,6 @@ typedef struct {
 	size_t len;
 	int buffer;        /* producer buffer holding data, or -1 (input mapping) */
 	long tensor;       /* >= 0: last piece of output tensor #tensor (finish its hash) */
-	const st_file *release_file; /* input tensor whose pages may be dropped after this piece */
-	const st_tensor *release;
 } pipe_piece;
 
 typedef struct {
@@ -43,6 +41,13 @@ typedef struct {
 	pthread_t threads[PIPE_CONSUMERS];
 	int started;
 } write_pipe;
+
+/* Drops the pages of [p, p+len) of an input mapping from our resident set (the page cache keeps
+ * them): st_release per piece rather than per tensor, so a huge tensor never sits whole in RSS. */
+void release_input_range(const void *p, size_t len);
+/* Faults the pages of [p, p+len) of an input mapping in (MADV_POPULATE_READ, where the kernel
+ * has it), so the consumers find them mapped. */
+void prefault_input_range(const void *p, size_t len);
 
 /* Buffers survive across files; call once, and write_pipe_free at the end. */
 void write_pipe_init(write_pipe *p);
