@@ -132,15 +132,21 @@ static void fill_fp8(const value_gen *g, uint64_t first, size_t n, uint8_t *dst)
 {
 	const uint8_t *code = g->table->code;
 	uint64_t j = first, end = first + n;
-	/* whole words: 4 codes each, the bulk of every large tensor */
-	if ((j & 3) == 0) {
-		for (; j + 4 <= end; j += 4, dst += 4) {
-			uint64_t w = stream_word(g->key, j >> 2);
-			dst[0] = code[w & 0xFFFF];
-			dst[1] = code[(w >> 16) & 0xFFFF];
-			dst[2] = code[(w >> 32) & 0xFFFF];
-			dst[3] = code[w >> 48];
+	/* whole words, 4 codes each: the bulk of every large tensor; draws first, then lookups */
+	enum { BLOCK = 256 };
+	uint64_t w[BLOCK];
+	while ((j & 3) == 0 && j + 4 <= end) {
+		size_t m = (size_t)((end - j) / 4);
+		m = m < BLOCK ? m : BLOCK;
+		for (size_t i = 0; i < m; i++)
+			w[i] = stream_word(g->key, (j >> 2) + i);
+		for (size_t i = 0; i < m; i++, dst += 4) {
+			dst[0] = code[w[i] & 0xFFFF];
+			dst[1] = code[(w[i] >> 16) & 0xFFFF];
+			dst[2] = code[(w[i] >> 32) & 0xFFFF];
+			dst[3] = code[w[i] >> 48];
 		}
+		j += 4 * m;
 	}
 	for (; j < end; j++)
 		*dst++ = code[(stream_word(g->key, j >> 2) >> (16 * (j & 3))) & 0xFFFF];
@@ -163,6 +169,15 @@ static inline float uniform_value(const value_gen *g, uint32_t r)
 	return (float)(g->low + (double)(r >> 8) * g->step);
 }
 
+/* bf16_from_float for the finite values drawn here (no NaN case), inlined: round to nearest
+ * even by adding 0x7FFF plus the kept LSB to the float's bits. */
+static inline uint16_t bf16_finite(float f)
+{
+	uint32_t b;
+	memcpy(&b, &f, sizeof b);
+	return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1)) >> 16);
+}
+
 static void store(uint8_t *dst, size_t esize, float v)
 {
 	if (esize == 4)
@@ -171,17 +186,39 @@ static void store(uint8_t *dst, size_t esize, float v)
 		put_u16(dst, bf16_from_float(v));
 }
 
+/* Whole words of BF16, two values each: the bulk of embeddings and heads. Draws first, then
+ * the arithmetic in a separate loop the compiler can vectorise. */
+static void fill_bf16_words(const value_gen *g, uint64_t word, size_t n_words, uint8_t *dst)
+{
+	enum { BLOCK = 256 };
+	uint32_t r[2 * BLOCK];
+	while (n_words) {
+		size_t m = n_words < BLOCK ? n_words : BLOCK;
+		for (size_t i = 0; i < m; i++) {
+			uint64_t w = stream_word(g->key, word + i);
+			r[2 * i] = (uint32_t)w;
+			r[2 * i + 1] = (uint32_t)(w >> 32);
+		}
+		for (size_t i = 0; i < 2 * m; i++) {
+			uint16_t v = bf16_finite(uniform_value(g, r[i]));
+			dst[2 * i] = (uint8_t)v;
+			dst[2 * i + 1] = (uint8_t)(v >> 8);
+		}
+		word += m;
+		n_words -= m;
+		dst += 4 * m;
+	}
+}
+
 static void fill_uniform(const value_gen *g, uint64_t first, size_t n, uint8_t *dst)
 {
 	size_t esize = dtype_size(g->dtype);
 	uint64_t j = first, end = first + n;
 	if (esize == 2 && (j & 1) == 0) {
-		/* whole words of BF16: two values each, the bulk of embeddings and heads */
-		for (; j + 2 <= end; j += 2, dst += 4) {
-			uint64_t w = stream_word(g->key, j >> 1);
-			put_u16(dst, bf16_from_float(uniform_value(g, (uint32_t)w)));
-			put_u16(dst + 2, bf16_from_float(uniform_value(g, (uint32_t)(w >> 32))));
-		}
+		size_t words = (size_t)((end - j) / 2);
+		fill_bf16_words(g, j >> 1, words, dst);
+		j += 2 * words;
+		dst += 4 * words;
 	}
 	for (; j < end; j++, dst += esize)
 		store(dst, esize, uniform_value(g, (uint32_t)(stream_word(g->key, j >> 1) >> (32 * (j & 1)))));
