@@ -13,6 +13,7 @@
  * the number of ranks only hash. Input pages are dropped every RELEASE_EVERY bytes. */
 #include "mp_shards.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -20,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "convert_names.h"
 #include "hf_ckpt.h"
@@ -30,6 +32,7 @@
 #define CHUNK (16u << 20)	  /* bytes per write/hash call */
 #define RELEASE_EVERY (64u << 20) /* input bytes touched between page drops */
 #define PROGRESS_EVERY (8u << 20)
+#define WRITEBACK_EVERY (64u << 20) /* output bytes between writeback starts */
 
 /* ---- problems ---------------------------------------------------------------------------- */
 
@@ -237,6 +240,7 @@ typedef struct {
 	size_t *order; /* global layout order: dtype rank descending, then name */
 	size_t *gpos;  /* gpos[order[k]] == k */
 	atomic_size_t next_hash;
+	double hash_per_written; /* logical bytes / bytes written, over the whole job */
 	atomic_int stop;
 	pthread_mutex_t lock; /* progress and first_err */
 	progress bar;
@@ -313,10 +317,12 @@ static int hash_tensor(write_job *j, size_t i, sha256_ctx *sha, dsv3_error *err)
 	return rc;
 }
 
-/* Hashes queued tensors up to global layout position `upto` (all with SIZE_MAX). */
-static int hash_queue(write_job *j, size_t upto, sha256_ctx *sha, dsv3_error *err)
+/* Hashes queued tensors up to global layout position `upto` (all: SIZE_MAX) while *budget
+ * (bytes; NULL: no limit) lasts. */
+static int hash_queue(write_job *j, size_t upto, int64_t *budget, sha256_ctx *sha,
+		      dsv3_error *err)
 {
-	for (;;) {
+	while (!budget || *budget > 0) {
 		size_t k = atomic_load(&j->next_hash);
 		if (k >= j->n || k > upto || atomic_load(&j->stop))
 			return 0;
@@ -325,7 +331,10 @@ static int hash_queue(write_job *j, size_t upto, sha256_ctx *sha, dsv3_error *er
 		int rc = hash_tensor(j, j->order[k], sha, err);
 		if (rc)
 			return rc;
+		if (budget)
+			*budget -= (int64_t)tensor_bytes(&j->t[j->order[k]]);
 	}
+	return 0;
 }
 
 /* ---- rank files --------------------------------------------------------------------------- */
@@ -333,13 +342,28 @@ static int hash_queue(write_job *j, size_t upto, sha256_ctx *sha, dsv3_error *er
 typedef struct {
 	write_job *job;
 	st_writer *w;
-	uint64_t unreported;
+	int flush_fd; /* a second descriptor of the file, to start its writeback; -1 if none */
+	uint64_t written, unreported, unflushed;
 } rank_sink_ctx;
+
+/* Starts writing the file's dirty pages to disk now, without waiting: the writer's fsync at the
+ * end then finds little left to do, instead of stalling this task for the whole file while a
+ * core sits idle (the page cache is the file's, whichever descriptor asks). */
+static void start_writeback(rank_sink_ctx *c)
+{
+	if (c->flush_fd >= 0)
+		sync_file_range(c->flush_fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+	c->unflushed = 0;
+}
 
 static int rank_sink(void *ctx, const uint8_t *p, size_t len, dsv3_error *err)
 {
 	rank_sink_ctx *c = ctx;
 	int rc = st_writer_write(c->w, p, len, err);
+	c->written += len;
+	c->unflushed += len;
+	if (c->unflushed >= WRITEBACK_EVERY)
+		start_writeback(c);
 	c->unreported += len;
 	if (c->unreported >= PROGRESS_EVERY) {
 		pthread_mutex_lock(&c->job->lock);
@@ -378,19 +402,24 @@ static int rank_specs(const write_job *j, int r, st_spec **specs, size_t **index
 static int write_rank_tensors(write_job *j, int r, st_writer *w, const size_t *index, size_t n,
 			      sha256_ctx *sha, dsv3_error *err)
 {
-	rank_sink_ctx c = { j, w, 0 };
+	rank_sink_ctx c = { j, w, open(j->tmp_paths[r], O_WRONLY | O_CLOEXEC), 0, 0, 0 };
+	int64_t budget = 0; /* hash about as much as this task writes, so that hashing spreads
+			     * over the whole run when there are more ranks than threads */
 	int rc = 0;
 	for (size_t pos = 0; pos < n && !rc; pos++) {
 		size_t i = index[st_writer_order(w, pos)];
-		uint64_t a, b;
+		uint64_t a, b, before = c.written;
 		rank_slice(&j->t[i], r, j->mp, j->n_experts, &a, &b);
 		rc = walk_slice(&j->t[i], a, b, rank_sink, &c, &j->stop, err);
+		budget += (int64_t)((double)(c.written - before) * j->hash_per_written);
 		if (!rc)
-			rc = hash_queue(j, j->gpos[i], sha, err);
+			rc = hash_queue(j, j->gpos[i], &budget, sha, err);
 	}
 	pthread_mutex_lock(&j->lock);
 	progress_add(&j->bar, c.unreported);
 	pthread_mutex_unlock(&j->lock);
+	if (c.flush_fd >= 0)
+		close(c.flush_fd);
 	return rc;
 }
 
@@ -409,7 +438,7 @@ static int write_rank(write_job *j, int r, sha256_ctx *sha, dsv3_error *err)
 	if (rc)
 		st_writer_abort(w); /* the temporary would be removed by out_dir_close anyway */
 	if (!rc)
-		rc = hash_queue(j, SIZE_MAX, sha, err); /* whatever nobody has taken yet */
+		rc = hash_queue(j, SIZE_MAX, NULL, sha, err); /* whatever nobody has taken yet */
 	free(specs);
 	free(index);
 	return rc;
@@ -427,7 +456,7 @@ static void run_task(void *arg, size_t i)
 	else if (i < (size_t)j->mp)
 		rc = write_rank(j, (int)i, sha, &err);
 	else
-		rc = hash_queue(j, SIZE_MAX, sha, &err);
+		rc = hash_queue(j, SIZE_MAX, NULL, sha, &err);
 	if (rc)
 		job_fail(j, &err);
 	sha256_free(sha);
@@ -518,7 +547,11 @@ int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, o
 	if (!rc) {
 		int size = thread_pool_size(pool);
 		size_t tasks = (size_t)mp + (size > mp ? (size_t)(size - mp) : 0);
-		progress_start(&j.bar, "writing", total_written(&j));
+		uint64_t logical = 0, written = total_written(&j);
+		for (size_t i = 0; i < n; i++)
+			logical += tensor_bytes(&t[i]);
+		j.hash_per_written = written ? (double)logical / (double)written : 1.0;
+		progress_start(&j.bar, "writing", written);
 		thread_pool_for(pool, tasks, run_task, &j);
 		progress_end(&j.bar);
 		if (j.first_err.code) {
