@@ -161,7 +161,8 @@ static const name_rule *lookup_hf_key(const char *name, const char *key, size_t 
 		return r;
 	r = find_rule(mtp_rules, N_RULES(mtp_rules), key, len);
 	/* "head" only as shared_head.head: a bare layers.N.head.weight is no MTP module. */
-	if (r && strcmp(r->key, "head") == 0 && (key - name < 12 || strncmp(key - 12, "shared_head.", 12)))
+	if (r && strcmp(r->key, "head") == 0 &&
+	    (key - name < 12 || strncmp(key - 12, "shared_head.", 12) != 0))
 		return NULL;
 	return r;
 }

@@ -80,7 +80,8 @@ static int parse_args(int argc, char **argv, convert_args *a, dsv3_error *err)
 		case 'h': usage(stdout); return -1;
 		case 'V': printf(PROG " " DSV3_VERSION "\n"); return -1;
 		default:
-			return dsv3_fail(err, DSV3_EUSAGE, "unknown option or missing value: %s (see --help)",
+			return dsv3_fail(err, DSV3_EUSAGE,
+					 "unknown option or missing value: %s (see --help)",
 					 argv[optind - 1]);
 		}
 	}
@@ -126,7 +127,8 @@ static void plan_tensor(convert_plan *p, const st_file *f, const st_tensor *st,
 {
 	converted_name cn;
 	long layer = hf_layer(st->name);
-	if (convert_name(st->name, &cn) != 0 || (hf_name_is_mtp_module(st->name) && layer < cfg->n_layers)) {
+	int mtp_outside_mtp = hf_name_is_mtp_module(st->name) && layer < cfg->n_layers;
+	if (convert_name(st->name, &cn) != 0 || mtp_outside_mtp) {
 		mp_problem(pr, "%s: tensor %s: unknown tensor name (its module is not in the "
 			   "mapping of convert.py)", f->path, st->name);
 		return;
@@ -166,9 +168,10 @@ static void check_duplicates(const convert_plan *p, mp_problems *pr)
 	qsort(sorted, p->n, sizeof *sorted, cmp_by_name);
 	for (size_t i = 1; i < p->n; i++)
 		if (strcmp(sorted[i - 1]->name, sorted[i]->name) == 0)
-			mp_problem(pr, "%s: tensor %s: converts to %s, as does %s in %s", sorted[i]->pieces->file->path,
-				   sorted[i]->pieces->t->name, sorted[i]->name,
-				   sorted[i - 1]->pieces->t->name, sorted[i - 1]->pieces->file->path);
+			mp_problem(pr, "%s: tensor %s: converts to %s, as does %s in %s",
+				   sorted[i]->pieces->file->path, sorted[i]->pieces->t->name,
+				   sorted[i]->name, sorted[i - 1]->pieces->t->name,
+				   sorted[i - 1]->pieces->file->path);
 	free(sorted);
 }
 
@@ -272,7 +275,8 @@ int main(int argc, char **argv)
 	if (rc)
 		return dsv3_report(PROG, &err);
 	double secs = now_seconds() - start;
-	fprintf(stderr, PROG ": %zu model files + %zu other files, %.3f GB of tensors in %.2f s (%.0f MB/s)\n",
+	fprintf(stderr,
+		PROG ": %zu model files + %zu other files, %.3f GB of tensors in %.2f s (%.0f MB/s)\n",
 		stats.n_files, n_small, (double)stats.bytes_written / 1e9, secs,
 		secs > 0 ? (double)stats.bytes_written / 1e6 / secs : 0.0);
 	return 0;

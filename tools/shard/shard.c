@@ -84,7 +84,8 @@ static int parse_args(int argc, char **argv, shard_args *a, dsv3_error *err)
 		case 'h': usage(stdout); return -1;
 		case 'V': printf(PROG " " DSV3_VERSION "\n"); return -1;
 		default:
-			return dsv3_fail(err, DSV3_EUSAGE, "unknown option or missing value: %s (see --help)",
+			return dsv3_fail(err, DSV3_EUSAGE,
+					 "unknown option or missing value: %s (see --help)",
 					 argv[optind - 1]);
 		}
 	}
@@ -264,8 +265,8 @@ static void plan_expert(shard_plan *p, mp_tensor *t, const rank_entry *e, size_t
 			const rank_files *rf, int n_experts, mp_problems *pr)
 {
 	if (k != 1) {
-		mp_problem(pr, "%s: tensor %s: a routed expert, found on %zu ranks", rf->files[e[0].rank].path,
-			   e[0].name, k);
+		mp_problem(pr, "%s: tensor %s: a routed expert, found on %zu ranks",
+			   rf->files[e[0].rank].path, e[0].name, k);
 		return;
 	}
 	int owner = n_experts > 0 && n_experts % rf->n == 0 && t->expert < n_experts
@@ -385,8 +386,8 @@ static void match_input_manifest(shard_plan *p, const char *in, mp_problems *pr)
 	qsort(m->tensors, m->n_tensors, sizeof *m->tensors, cmp_manifest_tensor);
 	for (size_t i = 0; i < p->n; i++) {
 		mp_tensor *t = &p->t[i];
-		const manifest_tensor *e =
-			bsearch(t->name, m->tensors, m->n_tensors, sizeof *m->tensors, cmp_manifest_name);
+		const manifest_tensor *e = bsearch(t->name, m->tensors, m->n_tensors,
+						   sizeof *m->tensors, cmp_manifest_name);
 		if (!e)
 			mp_problem(pr, "%s: tensor %s: not listed in tensors.sha256.json", in, t->name);
 		else if (e->dtype != t->dtype || e->ndim != t->ndim ||
