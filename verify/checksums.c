@@ -18,6 +18,7 @@
 
 #define READ_CHUNK (4u << 20)
 #define HASH_BATCH (1u << 20) /* small row pieces are gathered before hashing */
+#define DROP_CHUNK (32u << 20) /* mapped bytes are dropped from RSS in pieces this big */
 
 /* What one parallel job found: zero or more problem lines. */
 typedef struct {
@@ -154,6 +155,16 @@ static void batch_add(batch_hash *h, const uint8_t *p, size_t n)
 	h->len += n;
 }
 
+/* Mapped bytes, dropped from our resident set as they are hashed. */
+static void batch_add_mapped(batch_hash *h, const uint8_t *p, size_t n)
+{
+	for (size_t off = 0; off < n; off += DROP_CHUNK) {
+		size_t len = n - off < DROP_CHUNK ? n - off : DROP_CHUNK;
+		batch_add(h, p + off, len);
+		drop_mapped_pages(p + off, len);
+	}
+}
+
 static void batch_final(batch_hash *h, uint8_t out[32])
 {
 	if (h->len)
@@ -186,38 +197,68 @@ static int same_layout_except(const st_tensor *a, const st_tensor *b, int dim)
 	return 1;
 }
 
-static void release(const ckpt_dir *d, const dir_tensor *t)
-{
-	st_release(&d->files[t->file], t->tensor);
-}
-
 /* Tensor of the HF layout, or a routed expert of a converted one: the bytes of one file. */
-static int hash_single(const ckpt_dir *d, const dir_tensor *t, logical_tensor *out, sha256_ctx *ctx)
+static int hash_single(const dir_tensor *t, logical_tensor *out, batch_hash *h)
 {
 	out->dtype = t->tensor->dtype;
 	out->ndim = t->tensor->ndim;
 	memcpy(out->shape, t->tensor->shape, sizeof out->shape);
-	sha256_update(ctx, t->tensor->data, t->tensor->nbytes);
-	sha256_final(ctx, out->sha);
-	release(d, t);
+	batch_add_mapped(h, t->tensor->data, t->tensor->nbytes);
+	batch_final(h, out->sha);
 	return 0;
+}
+
+/* Equal bytes, compared piecewise so neither copy is ever resident whole. */
+static int same_bytes(const uint8_t *a, const uint8_t *b, size_t n)
+{
+	int same = 1;
+	for (size_t off = 0; off < n && same; off += DROP_CHUNK) {
+		size_t len = n - off < DROP_CHUNK ? n - off : DROP_CHUNK;
+		same = memcmp(a + off, b + off, len) == 0;
+		drop_mapped_pages(a + off, len);
+		drop_mapped_pages(b + off, len);
+	}
+	return same;
 }
 
 /* Replicated in a converted checkpoint: rank 0's bytes; every other copy must equal them. */
 static int hash_replicated(const ckpt_dir *d, const dir_tensor *t, size_t n, logical_tensor *out,
-			   sha256_ctx *ctx, job_result *r)
+			   batch_hash *h, job_result *r)
 {
 	char path[4096];
 	for (size_t k = 1; k < n; k++) {
 		const st_tensor *a = t[0].tensor, *b = t[k].tensor;
-		if (!same_layout_except(a, b, -1) || memcmp(a->data, b->data, a->nbytes) != 0) {
+		if (!same_layout_except(a, b, -1) || !same_bytes(a->data, b->data, a->nbytes)) {
 			ckpt_dir_file_path(d, t[k].file, path, sizeof path);
 			job_fail(r, "%s: tensor %s: replicated copy differs from rank %zu's", path,
 				 t->name, t[0].file);
 		}
-		release(d, &t[k]);
 	}
-	return hash_single(d, &t[0], out, ctx);
+	return hash_single(&t[0], out, h);
+}
+
+/* Dim-1 split: row by row, each rank's piece of the row in rank order. */
+static void hash_column_split(const dir_tensor *t, size_t n, int64_t rows, batch_hash *h)
+{
+	int64_t done = 0; /* rows whose pages were dropped */
+	size_t row_bytes = 0;
+	for (size_t k = 0; k < n; k++)
+		row_bytes += rows ? t[k].tensor->nbytes / (size_t)rows : 0;
+	int64_t rows_per_drop = row_bytes ? (int64_t)(DROP_CHUNK / row_bytes) + 1 : rows;
+	for (int64_t row = 0; row < rows; row++) {
+		for (size_t k = 0; k < n; k++) {
+			size_t piece = t[k].tensor->nbytes / (size_t)rows;
+			batch_add(h, t[k].tensor->data + (size_t)row * piece, piece);
+		}
+		if (row + 1 - done >= rows_per_drop || row + 1 == rows) {
+			for (size_t k = 0; k < n; k++) {
+				size_t piece = t[k].tensor->nbytes / (size_t)rows;
+				drop_mapped_pages(t[k].tensor->data + (size_t)done * piece,
+						  (size_t)(row + 1 - done) * piece);
+			}
+			done = row + 1;
+		}
+	}
 }
 
 /* Split along dim 0: concatenation in rank order; dim 1: per row, the ranks' column pieces. */
@@ -246,21 +287,15 @@ static int hash_split(const ckpt_dir *d, const dir_tensor *t, size_t n, int dim,
 	}
 	if (dim == 0) {
 		for (size_t k = 0; k < n; k++)
-			batch_add(h, t[k].tensor->data, t[k].tensor->nbytes);
+			batch_add_mapped(h, t[k].tensor->data, t[k].tensor->nbytes);
 	} else {
 		/* rows = product of dims before `dim`, each rank's row piece = the rest */
 		int64_t rows = 1;
 		for (int k = 0; k < dim; k++)
 			rows *= first->shape[k];
-		for (int64_t row = 0; row < rows; row++)
-			for (size_t k = 0; k < n; k++) {
-				size_t piece = rows ? t[k].tensor->nbytes / (size_t)rows : 0;
-				batch_add(h, t[k].tensor->data + (size_t)row * piece, piece);
-			}
+		hash_column_split(t, n, rows, h);
 	}
 	batch_final(h, out->sha);
-	for (size_t k = 0; k < n; k++)
-		release(d, &t[k]);
 	return 0;
 }
 
@@ -278,13 +313,13 @@ static int assemble_converted(const ckpt_dir *d, const char *name, const dir_ten
 				 d->dir, name, n);
 			return -1;
 		}
-		return hash_single(d, t, out, h->ctx);
+		return hash_single(t, out, h);
 	}
 	if (info.split_dim == SPLIT_NONE) {
 		if (n != (size_t)d->mp)
 			job_fail(r, "%s: tensor %s: replicated but found on %zu of %d ranks", d->dir,
 				 name, n, d->mp);
-		return hash_replicated(d, t, n, out, h->ctx, r);
+		return hash_replicated(d, t, n, out, h, r);
 	}
 	return hash_split(d, t, n, info.split_dim, out, h, r);
 }
@@ -341,7 +376,7 @@ static void check_tensor(void *arg, size_t i)
 		job_fail(r, "%s: tensor %s: also in %s", a, mt->name, b);
 		rc = -1;
 	} else {
-		rc = hash_single(j->d, t, &got, h.ctx);
+		rc = hash_single(t, &got, &h);
 	}
 	if (!rc)
 		compare_logical(j->d, mt, t, n, &got, r);

@@ -1,9 +1,12 @@
 /* A directory of safetensors files opened for checking: which layout it is, every file that
  * can be opened, and one sorted name table over all of them (a converted checkpoint holds
  * the same name once per rank). */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "hf_ckpt.h"
 #include "verify.h"
@@ -167,4 +170,16 @@ const dir_tensor *ckpt_dir_find(const ckpt_dir *d, const char *name, size_t *cou
 void ckpt_dir_file_path(const ckpt_dir *d, size_t file, char *buf, size_t len)
 {
 	snprintf(buf, len, "%s/%s", d->dir, d->file_names[file] ? d->file_names[file] : "?");
+}
+
+void drop_mapped_pages(const void *p, size_t len)
+{
+	if (!p || !len)
+		return;
+	/* Whole pages around the range: a neighbour's page dropped from a shared file mapping only
+	 * costs it a minor fault. */
+	uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+	uintptr_t a = (uintptr_t)p & ~(page - 1);
+	uintptr_t b = ((uintptr_t)p + len + page - 1) & ~(page - 1);
+	madvise((void *)a, b - a, MADV_DONTNEED);
 }

@@ -50,6 +50,9 @@ int ckpt_dir_open(ckpt_dir *d, const char *dir, problem_list *problems, dsv3_err
 void ckpt_dir_close(ckpt_dir *d);
 /* First of the tensors named `name` (sorted by file) and how many there are. */
 const dir_tensor *ckpt_dir_find(const ckpt_dir *d, const char *name, size_t *count);
+/* Drops mapped pages of [p, p+len) from our resident set once read (the page cache keeps them),
+ * so hashing a huge tensor never holds it whole in RSS. */
+void drop_mapped_pages(const void *p, size_t len);
 /* "DIR/FILE" for messages. */
 void ckpt_dir_file_path(const ckpt_dir *d, size_t file, char *buf, size_t len);
 /* "[a, b]" */
