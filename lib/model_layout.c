@@ -182,7 +182,8 @@ static void add_decoder_layer(layout_list *l, int i, int moe)
 }
 
 /* The MTP module (DeepSeek-V3's layer 61): its own embedding and the two norms whose outputs
- * eh_proj combines, a full block, then its own head. Listed in the order the module runs. */
+ * eh_proj combines, a full block, then its own head. Listed in the order the module runs.
+ * eh_proj is a linear (ROLE_LINEAR) whose dtype is BF16 even in FP8 checkpoints. */
 static void add_mtp_layer(layout_list *l, int i)
 {
 	const dsv3_config *c = l->c;
@@ -190,7 +191,9 @@ static void add_mtp_layer(layout_list *l, int i)
 	    i);
 	add_layer_norm(l, i, "enorm", c->dim);
 	add_layer_norm(l, i, "hnorm", c->dim);
-	add_layer_linear(l, i, "eh_proj", c->dim, 2 * (int64_t)c->dim);
+	/* DeepSeek's FP8 releases (V3, R1: 91991 tensors) keep eh_proj in BF16, without a scale */
+	add(l, ROLE_LINEAR, ST_BF16, i, c->dim, 2 * (int64_t)c->dim, "model.layers.%d.eh_proj.weight",
+	    i);
 	add_decoder_layer(l, i, c->n_routed_experts > 0);
 	add_layer_norm(l, i, "shared_head.norm", c->dim);
 	add(l, ROLE_HEAD, ST_BF16, i, c->vocab_size, c->dim, "model.layers.%d.shared_head.head.weight",

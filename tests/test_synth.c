@@ -471,8 +471,9 @@ static void test_synth_mtp_adds_the_layer_after_the_last(void **state)
 	check_tensor(d, "model.layers.3.embed_tokens.weight", ST_BF16, 1024, 256);
 	check_tensor(d, "model.layers.3.enorm.weight", ST_BF16, 256, 0);
 	check_tensor(d, "model.layers.3.hnorm.weight", ST_BF16, 256, 0);
-	check_tensor(d, "model.layers.3.eh_proj.weight", ST_F8_E4M3, 256, 512);
-	check_tensor(d, "model.layers.3.eh_proj.weight_scale_inv", ST_F32, 2, 4);
+	/* BF16 without a scale, as in DeepSeek's FP8 releases */
+	check_tensor(d, "model.layers.3.eh_proj.weight", ST_BF16, 256, 512);
+	assert_false(in_index(d, "model.layers.3.eh_proj.weight_scale_inv"));
 	check_tensor(d, "model.layers.3.shared_head.norm.weight", ST_BF16, 256, 0);
 	check_tensor(d, "model.layers.3.shared_head.head.weight", ST_BF16, 1024, 256);
 	check_tensor(d, "model.layers.3.self_attn.q_b_proj.weight", ST_F8_E4M3, 1024, 192);
