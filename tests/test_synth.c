@@ -617,9 +617,51 @@ static void test_synth_bad_config_is_a_data_error_naming_the_key(void **state)
 	free(msg);
 }
 
+/* DeepSeek-V3/R1's published FP8 checkpoint: 91991 tensors holding 684,531,386,000 numbers. */
+static void test_model_layout_of_deepseek_v3_matches_the_release(void **state)
+{
+	(void)state;
+	static const char v3[] =
+		"{\"model_type\": \"deepseek_v3\", \"vocab_size\": 129280, \"hidden_size\": 7168,"
+		" \"intermediate_size\": 18432, \"moe_intermediate_size\": 2048,"
+		" \"num_hidden_layers\": 61, \"first_k_dense_replace\": 3,"
+		" \"num_attention_heads\": 128, \"num_key_value_heads\": 128,"
+		" \"n_routed_experts\": 256, \"n_shared_experts\": 1, \"num_experts_per_tok\": 8,"
+		" \"n_group\": 8, \"topk_group\": 4, \"routed_scaling_factor\": 2.5,"
+		" \"scoring_func\": \"sigmoid\", \"topk_method\": \"noaux_tc\","
+		" \"q_lora_rank\": 1536, \"kv_lora_rank\": 512, \"qk_nope_head_dim\": 128,"
+		" \"qk_rope_head_dim\": 64, \"v_head_dim\": 128, \"rope_theta\": 10000,"
+		" \"max_position_embeddings\": 163840, \"rms_norm_eps\": 1e-06,"
+		" \"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40,"
+		" \"original_max_position_embeddings\": 4096, \"beta_fast\": 32, \"beta_slow\": 1,"
+		" \"mscale\": 1.0, \"mscale_all_dim\": 1.0}, \"num_nextn_predict_layers\": 1,"
+		" \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\","
+		" \"quant_method\": \"fp8\", \"weight_block_size\": [128, 128]}}";
+	dsv3_config c;
+	dsv3_error err;
+	if (config_parse(&c, v3, "v3", &err))
+		fail_msg("%s", err.msg);
+	layout_tensor *lt;
+	size_t n;
+	assert_int_equal(model_layout(&c, 1, &lt, &n), 0);
+	assert_int_equal(n, 91991);
+	uint64_t numbers = 0;
+	for (size_t i = 0; i < n; i++)
+		numbers += (uint64_t)lt[i].shape[0] * (uint64_t)(lt[i].ndim == 2 ? lt[i].shape[1] : 1);
+	assert_int_equal(numbers, 684531386000ull);
+	free(lt);
+	/* without the MTP layer: 61 layers' worth only */
+	assert_int_equal(model_layout(&c, 0, &lt, &n), 0);
+	assert_string_equal(lt[n - 1].name, "lm_head.weight");
+	for (size_t i = 0; i < n; i++)
+		assert_true(lt[i].layer < 61);
+	free(lt);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_model_layout_of_deepseek_v3_matches_the_release),
 		cmocka_unit_test(test_synth_same_arguments_give_identical_bytes),
 		cmocka_unit_test(test_synth_different_seed_gives_different_weights),
 		cmocka_unit_test(test_synth_tiny_has_the_layout_shapes),
