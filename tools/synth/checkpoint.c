@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "manifest.h"
@@ -83,11 +84,45 @@ static int next_chunk(chunk_cursor *cur, chunk *c, uint8_t *buf)
 	return 1;
 }
 
+/* Streams a file's pages to disk as it grows and drops them from the page cache once written,
+ * so dirty pages never pile up (the final fsync does not stall the run) and the page cache is
+ * not filled with data nobody reads. Purely advice: errors are ignored, the fsync decides. */
+typedef struct {
+	int fd;           /* a second descriptor on the file the writer writes; -1: none */
+	uint64_t kicked;  /* writeback started below this offset */
+	uint64_t dropped; /* written back and dropped below this offset */
+} writeback;
+
+#define WRITEBACK_LAG (64ull << 20)
+
+static void writeback_advance(writeback *wb)
+{
+	struct stat st;
+	if (wb->fd < 0 || fstat(wb->fd, &st) != 0)
+		return;
+	uint64_t end = (uint64_t)st.st_size;
+	if (end > wb->kicked) {
+		sync_file_range(wb->fd, (off_t)wb->kicked, (off_t)(end - wb->kicked),
+				SYNC_FILE_RANGE_WRITE);
+		wb->kicked = end;
+	}
+	if (end > wb->dropped + 2 * WRITEBACK_LAG) {
+		uint64_t to = end - WRITEBACK_LAG;
+		sync_file_range(wb->fd, (off_t)wb->dropped, (off_t)(to - wb->dropped),
+				SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+					SYNC_FILE_RANGE_WAIT_AFTER);
+		posix_fadvise(wb->fd, (off_t)wb->dropped, (off_t)(to - wb->dropped),
+			      POSIX_FADV_DONTNEED);
+		wb->dropped = to;
+	}
+}
+
 /* One pipeline step, as one parallel-for: task 0 writes the previous chunk to the file (the
  * writer hashes the file as it goes), task 1 hashes it for its tensor's logical hash, tasks
  * 2.. generate the next chunk's pieces. Whoever is not blocked on the disk generates. */
 typedef struct {
 	st_writer *w;
+	writeback *wb;
 	sha256_ctx *tensor_sha;
 	const chunk *done; /* NULL at the start of a file */
 	const chunk *next; /* NULL at its end */
@@ -108,10 +143,12 @@ static void step_task(void *arg, size_t i)
 		if (!s->done)
 			return;
 		size_t len = s->done->n * dtype_size(s->done->gen.dtype);
-		if (i == 0)
+		if (i == 0) {
 			s->rc = st_writer_write(s->w, s->done->buf, len, &s->err);
-		else
+			writeback_advance(s->wb);
+		} else {
 			sha256_update(s->tensor_sha, s->done->buf, len);
+		}
 		return;
 	}
 	const chunk *c = s->next;
@@ -134,14 +171,14 @@ static int chunk_written(synth_run *r, const chunk *c, dsv3_error *err)
 	return 0;
 }
 
-static int stream_tensors(synth_run *r, st_writer *w, const size_t *idx, size_t m,
-			  dsv3_error *err)
+static int stream_tensors(synth_run *r, st_writer *w, writeback *wb, const size_t *idx,
+			  size_t m, dsv3_error *err)
 {
 	chunk_cursor cur = { .r = r, .w = w, .idx = idx, .m = m };
 	chunk slot[2];
 	chunk *done = NULL, *next = next_chunk(&cur, &slot[0], r->buf[0]) ? &slot[0] : NULL;
 	for (int k = 1; done || next; k ^= 1) {
-		pipeline_step s = { .w = w, .tensor_sha = r->tensor_sha, .done = done,
+		pipeline_step s = { .w = w, .wb = wb, .tensor_sha = r->tensor_sha, .done = done,
 				    .next = next };
 		size_t tasks = 2;
 		if (next) {
@@ -180,7 +217,10 @@ static int write_tensors(synth_run *r, const char *name, const size_t *idx, st_s
 	int rc = st_writer_open(&w, path, specs, m, metadata, err);
 	if (rc)
 		return rc;
-	rc = stream_tensors(r, w, idx, m, err);
+	writeback wb = { .fd = open(path, O_RDONLY | O_CLOEXEC) };
+	rc = stream_tensors(r, w, &wb, idx, m, err);
+	if (wb.fd >= 0)
+		close(wb.fd);
 	uint8_t digest[32];
 	if (!rc)
 		rc = st_writer_finish(w, digest, err);
