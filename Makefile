@@ -21,9 +21,12 @@ TOOL_DIRS := $(notdir $(wildcard tools/*))
 TOOLS     := $(foreach t,$(TOOL_DIRS),$(BUILD)/bin/dsv3-$(subst _,-,$(t))) $(BUILD)/bin/dsv3-verify
 TEST_SRC  := $(wildcard tests/test_*.c)
 TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+TEST_SUPPORT := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tests/support/*.c))
+FUZZERS   := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_SECONDS ?= 20
 DEPS_STAMP := .deps/stamp
 
-.PHONY: all deps test demo bench clean install
+.PHONY: all deps test demo bench clean install fuzz
 all: $(TOOLS)
 
 $(BUILD)/obj/%.o: %.c
@@ -45,9 +48,15 @@ $(BUILD)/bin/dsv3-verify: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard verify/*.c)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(LIB_A)
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+
+# libFuzzer targets over the parsers (DESIGN §8), built with clang, ASan and UBSan.
+build-fuzz/%: tests/fuzz/%.c $(LIB_SRC)
+	@mkdir -p $(dir $@)
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -Ilib -fsanitize=fuzzer,address,undefined \
+		-fno-sanitize-recover=all -o $@ $^ $(LDLIBS)
 
 # Installs what a fresh Debian machine lacks; idempotent (the stamp remembers success).
 deps: $(DEPS_STAMP)
@@ -58,7 +67,16 @@ $(DEPS_STAMP): scripts/deps.sh
 # Each test binary runs from the repo root with DSV3_BIN pointing at the tools.
 test: deps
 	$(MAKE) all $(TESTS)
+	$(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
 	@DSV3_BIN=$(abspath $(BUILD)/bin) sh scripts/run_tests.sh $(TESTS)
+
+# Each fuzzer runs FUZZ_SECONDS from the committed seeds; new inputs go to build-fuzz/corpus.
+fuzz: $(FUZZERS)
+	@for f in $(FUZZERS); do n=$${f#build-fuzz/fuzz_}; mkdir -p build-fuzz/corpus/$$n; \
+		echo "fuzz: $$n for $(FUZZ_SECONDS) s"; \
+		$$f -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/$$n.dict build-fuzz/corpus/$$n \
+			tests/fuzz/corpus/$$n > build-fuzz/$$n.log 2>&1 || { tail -n 40 build-fuzz/$$n.log; exit 1; }; \
+		tail -n 1 build-fuzz/$$n.log; done
 
 demo: deps
 	$(MAKE) all
@@ -74,6 +92,6 @@ install: all
 PREFIX ?= /usr/local
 
 clean:
-	rm -rf build build-san
+	rm -rf build build-san build-fuzz
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

