@@ -20,7 +20,7 @@ for size in $sizes; do
 	rm -rf "$root/$size"-*
 	case $size in
 	v3w1) "$bin/dsv3-synth" --preset v3-width:1 --seed 1 --out "$in" 2>/dev/null ;;
-	bench2) "$bin/dsv3-synth" --config "$here/../../shared/bench/v3-width-2layer.config.json" --seed 1 --out "$in" 2>/dev/null ;;
+	bench2) "$bin/dsv3-synth" --config "${BENCH_CONFIG:-$here/../../shared/bench/v3-width-2layer.config.json}" --seed 1 --out "$in" 2>/dev/null ;;
 	esac
 	E=$(python3 -c "import json;print(json.load(open('$in/config.json'))['n_routed_experts'])")
 	largest=$(python3 -c "
