@@ -8,7 +8,6 @@
 #include <cmocka.h>
 
 #include <dirent.h>
-#include <ftw.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,115 +21,29 @@
 #include "manifest.h"
 #include "safetensors.h"
 #include "sha256.h"
+#include "support/test_support.h"
 
 /* ---- helpers ----------------------------------------------------------------------------- */
 
 typedef struct {
-	char root[64];	 /* the temp dir of this test binary */
-	char tiny[128];	 /* dsv3-synth --preset tiny --seed 1 --files 3 --mtp */
-	char bin[2048];	 /* $DSV3_BIN */
+	char *root;	/* the temp dir of this test binary */
+	char tiny[128]; /* dsv3-synth --preset tiny --seed 1 --files 3 --mtp */
 } fixture;
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+static int convert(const char *in, const char *out, int n_experts, int mp, const char *extra)
 {
-	(void)st, (void)flag, (void)ftw;
-	return remove(path);
-}
-
-static char *path_in(const char *dir, const char *name)
-{
-	static char buf[8][4096];
-	static int k;
-	char tmp[4096]; /* dir may be an earlier result */
-	snprintf(tmp, sizeof tmp, "%s/%s", dir, name);
-	char *b = buf[k++ % 8];
-	memcpy(b, tmp, sizeof tmp);
-	return b;
-}
-
-/* Runs a shell command line; stderr goes to `err_path` (or /dev/null). Returns the exit code. */
-static int __attribute__((format(printf, 2, 3))) run(const char *err_path, const char *fmt, ...)
-{
-	char cmd[8192], full[8400];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof cmd, fmt, ap);
-	va_end(ap);
-	snprintf(full, sizeof full, "%s >/dev/null 2>%s", cmd, err_path ? err_path : "/dev/null");
-	int st = system(full);
-	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static int exists(const char *path)
-{
-	struct stat st;
-	return stat(path, &st) == 0;
-}
-
-static char *read_all(const char *path, size_t *len)
-{
-	FILE *f = fopen(path, "rb");
-	if (!f)
-		return NULL;
-	fseek(f, 0, SEEK_END);
-	long n = ftell(f);
-	fseek(f, 0, SEEK_SET);
-	char *b = malloc((size_t)n + 1);
-	size_t got = fread(b, 1, (size_t)n, f);
-	fclose(f);
-	b[got] = '\0';
-	if (len)
-		*len = got;
-	return b;
-}
-
-static int file_contains(const char *path, const char *needle)
-{
-	char *s = read_all(path, NULL);
-	int found = s && strstr(s, needle);
-	free(s);
-	return found;
-}
-
-/* Entries of dir: final ones (not a .dsv3-tmp.* temporary) and temporaries. */
-static void count_entries(const char *dir, int *finals, int *temps)
-{
-	*finals = *temps = 0;
-	DIR *d = opendir(dir);
-	if (!d)
-		return;
-	struct dirent *e;
-	while ((e = readdir(d))) {
-		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-			continue;
-		if (!strncmp(e->d_name, ".dsv3-tmp.", 10))
-			(*temps)++;
-		else
-			(*finals)++;
-	}
-	closedir(d);
-}
-
-static int convert(const fixture *fx, const char *in, const char *out, int n_experts, int mp,
-		   const char *extra)
-{
-	return run(NULL, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts %d "
-		   "--model-parallel %d %s", fx->bin, in, out, n_experts, mp, extra ? extra : "");
+	return run_quiet(NULL, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts %d "
+			 "--model-parallel %d %s", bin_dir(), in, out, n_experts, mp,
+			 extra ? extra : "");
 }
 
 static int setup(void **state)
 {
 	fixture *fx = calloc(1, sizeof *fx);
-	const char *bin = getenv("DSV3_BIN");
-	if (!fx || !bin)
-		return -1;
-	snprintf(fx->bin, sizeof fx->bin, "%s", bin);
-	strcpy(fx->root, "/tmp/dsv3-test-convert-XXXXXX");
-	if (!mkdtemp(fx->root))
+	if (!fx || !(fx->root = tmp_dir_create("convert")))
 		return -1;
 	snprintf(fx->tiny, sizeof fx->tiny, "%s/tiny", fx->root);
-	if (run(NULL, "%s/dsv3-synth --preset tiny --seed 1 --out %s --files 3 --mtp", fx->bin,
-		fx->tiny) != 0)
+	if (run_synth("tiny", 1, "--files 3 --mtp", fx->tiny) != 0)
 		return -1;
 	*state = fx;
 	return 0;
@@ -139,7 +52,8 @@ static int setup(void **state)
 static int teardown(void **state)
 {
 	fixture *fx = *state;
-	nftw(fx->root, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+	remove_tree(fx->root);
+	free(fx->root);
 	free(fx);
 	return 0;
 }
@@ -147,13 +61,7 @@ static int teardown(void **state)
 /* A fresh output path under the fixture's root. */
 static const char *out_path(const fixture *fx, const char *name)
 {
-	/* Its own ring: path_in's slots are reused within a test. */
-	static char paths[32][4096];
-	static int k;
-	char *p = paths[k++ % 32];
-	snprintf(p, sizeof paths[0], "%s/%s", fx->root, name);
-	nftw(p, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-	return p;
+	return fresh_path(fx->root, name);
 }
 
 /* ---- names ------------------------------------------------------------------------------- */
@@ -274,13 +182,13 @@ static void assert_converted_dir(const char *out, int mp)
 	for (int r = 0; r < mp; r++) {
 		char name[64];
 		snprintf(name, sizeof name, "model%d-mp%d.safetensors", r, mp);
-		assert_true(exists(path_in(out, name)));
+		assert_true(path_exists(path_in(out, name)));
 	}
-	assert_true(exists(path_in(out, "config.json")));
-	assert_true(exists(path_in(out, "SHA256SUMS")));
-	assert_true(exists(path_in(out, "tensors.sha256.json")));
+	assert_true(path_exists(path_in(out, "config.json")));
+	assert_true(path_exists(path_in(out, "SHA256SUMS")));
+	assert_true(path_exists(path_in(out, "tensors.sha256.json")));
 	int finals, temps;
-	count_entries(out, &finals, &temps);
+	count_dir_entries(out, &finals, &temps);
 	assert_int_equal(finals, mp + 3);
 	assert_int_equal(temps, 0);
 }
@@ -293,9 +201,9 @@ static void test_convert_mp1_mp2_mp4_succeed(void **state)
 		char name[16];
 		snprintf(name, sizeof name, "mp%d", mps[i]);
 		const char *out = out_path(fx, name);
-		assert_int_equal(convert(fx, fx->tiny, out, 16, mps[i], NULL), 0);
+		assert_int_equal(convert(fx->tiny, out, 16, mps[i], NULL), 0);
 		assert_converted_dir(out, mps[i]);
-		assert_int_equal(run(NULL, "cd %s && sha256sum --quiet -c SHA256SUMS", out), 0);
+		assert_int_equal(run_quiet(NULL, "cd %s && sha256sum --quiet -c SHA256SUMS", out), 0);
 	}
 }
 
@@ -411,7 +319,7 @@ static void test_convert_mp2_writes_exact_slices(void **state)
 {
 	fixture *fx = *state;
 	const char *out = out_path(fx, "slices");
-	assert_int_equal(convert(fx, fx->tiny, out, 16, 2, NULL), 0);
+	assert_int_equal(convert(fx->tiny, out, 16, 2, NULL), 0);
 	file_set ins, outs;
 	open_set(&ins, fx->tiny, "*.safetensors");
 	open_set(&outs, out, "model*-mp2.safetensors");
@@ -455,7 +363,7 @@ static void test_convert_rank_files_hold_their_expert_ranges(void **state)
 {
 	fixture *fx = *state;
 	const char *out = out_path(fx, "experts");
-	assert_int_equal(convert(fx, fx->tiny, out, 16, 4, NULL), 0);
+	assert_int_equal(convert(fx->tiny, out, 16, 4, NULL), 0);
 	file_set outs;
 	open_set(&outs, out, "model*-mp4.safetensors");
 	assert_int_equal(outs.n, 4);
@@ -481,11 +389,11 @@ static void test_convert_logical_hashes_equal_across_mp(void **state)
 {
 	fixture *fx = *state;
 	const char *a = out_path(fx, "lh1"), *b = out_path(fx, "lh4");
-	assert_int_equal(convert(fx, fx->tiny, a, 16, 1, NULL), 0);
-	assert_int_equal(convert(fx, fx->tiny, b, 16, 4, NULL), 0);
+	assert_int_equal(convert(fx->tiny, a, 16, 1, NULL), 0);
+	assert_int_equal(convert(fx->tiny, b, 16, 4, NULL), 0);
 	size_t la, lb;
-	char *ja = read_all(path_in(a, "tensors.sha256.json"), &la);
-	char *jb = read_all(path_in(b, "tensors.sha256.json"), &lb);
+	char *ja = read_whole_file(path_in(a, "tensors.sha256.json"), &la);
+	char *jb = read_whole_file(path_in(b, "tensors.sha256.json"), &lb);
 	assert_non_null(ja);
 	assert_non_null(jb);
 	assert_int_equal(la, lb);
@@ -499,7 +407,7 @@ static void test_convert_keep_mtp_keeps_the_mtp_layer(void **state)
 {
 	fixture *fx = *state;
 	const char *out = out_path(fx, "mtp");
-	assert_int_equal(convert(fx, fx->tiny, out, 16, 2, "--keep-mtp"), 0);
+	assert_int_equal(convert(fx->tiny, out, 16, 2, "--keep-mtp"), 0);
 	file_set outs, ins;
 	open_set(&outs, out, "model*-mp2.safetensors");
 	open_set(&ins, fx->tiny, "*.safetensors");
@@ -525,7 +433,7 @@ static void test_convert_keep_mtp_keeps_the_mtp_layer(void **state)
 	close_set(&ins);
 	/* and by default it is gone */
 	const char *plain = out_path(fx, "nomtp");
-	assert_int_equal(convert(fx, fx->tiny, plain, 16, 2, NULL), 0);
+	assert_int_equal(convert(fx->tiny, plain, 16, 2, NULL), 0);
 	assert_false(file_contains(path_in(plain, "tensors.sha256.json"), "layers.3."));
 }
 
@@ -533,15 +441,15 @@ static void test_convert_copies_token_files_and_config(void **state)
 {
 	fixture *fx = *state;
 	const char *in = out_path(fx, "tok-in"), *out = out_path(fx, "tok-out");
-	assert_int_equal(run(NULL, "cp -r %s %s && printf '{\"x\":1}' > %s/tokenizer_config.json && "
-			 "printf 'vocab' > %s/my.token.txt", fx->tiny, in, in, in), 0);
-	assert_int_equal(convert(fx, in, out, 16, 2, NULL), 0);
-	assert_int_equal(run(NULL, "cmp %s/tokenizer_config.json %s/tokenizer_config.json && "
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s && printf '{\"x\":1}' > %s/tokenizer_config.json"
+				   " && printf 'vocab' > %s/my.token.txt", fx->tiny, in, in, in), 0);
+	assert_int_equal(convert(in, out, 16, 2, NULL), 0);
+	assert_int_equal(run_quiet(NULL, "cmp %s/tokenizer_config.json %s/tokenizer_config.json && "
 			 "cmp %s/my.token.txt %s/my.token.txt && cmp %s/config.json %s/config.json",
 			 in, out, in, out, in, out), 0);
 	assert_true(file_contains(path_in(out, "SHA256SUMS"), "  tokenizer_config.json\n"));
 	assert_true(file_contains(path_in(out, "SHA256SUMS"), "  my.token.txt\n"));
-	assert_false(exists(path_in(out, "model.safetensors.index.json")));
+	assert_false(path_exists(path_in(out, "model.safetensors.index.json")));
 }
 
 /* ---- refusals ----------------------------------------------------------------------------- */
@@ -552,16 +460,11 @@ static void assert_refused(const fixture *fx, const char *in, int n_experts, int
 {
 	const char *out = out_path(fx, "refused");
 	const char *msg = path_in(fx->root, "stderr.txt");
-	int rc = run(msg, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts %d "
-		     "--model-parallel %d", fx->bin, in, out, n_experts, mp);
+	int rc = run_quiet(msg, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts %d "
+		     "--model-parallel %d", bin_dir(), in, out, n_experts, mp);
 	assert_int_equal(rc, 2);
-	if (!file_contains(msg, needle)) {
-		char *s = read_all(msg, NULL);
-		print_error("message lacks \"%s\":\n%s\n", needle, s ? s : "(none)");
-		free(s);
-		fail();
-	}
-	assert_false(exists(out));
+	assert_file_contains(msg, needle);
+	assert_false(path_exists(out));
 }
 
 static void test_convert_refuses_expert_count_mismatch(void **state)
@@ -590,19 +493,16 @@ static void test_convert_refuses_indivisible_split(void **state)
 static void add_tensor_file(const char *dir, const char *name)
 {
 	st_spec spec = { name, ST_BF16, 1, { 4 } };
-	st_writer *w;
-	dsv3_error err;
-	uint8_t zeros[8] = { 0 };
-	assert_int_equal(st_writer_open(&w, path_in(dir, "extra.safetensors"), &spec, 1, NULL, &err), 0);
-	assert_int_equal(st_writer_write(w, zeros, sizeof zeros, &err), 0);
-	assert_int_equal(st_writer_finish(w, NULL, &err), 0);
+	static const uint8_t zeros[8] = { 0 };
+	const void *data[1] = { zeros };
+	write_safetensors(path_in(dir, "extra.safetensors"), &spec, data, 1);
 }
 
 static void test_convert_refuses_unknown_tensor_name(void **state)
 {
 	fixture *fx = *state;
 	const char *in = out_path(fx, "unknown-in");
-	assert_int_equal(run(NULL, "cp -r %s %s", fx->tiny, in), 0);
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s", fx->tiny, in), 0);
 	add_tensor_file(in, "model.layers.0.self_attn.rotary_emb.inv_freq");
 	assert_refused(fx, in, 16, 2, "tensor model.layers.0.self_attn.rotary_emb.inv_freq: unknown");
 }
@@ -613,7 +513,7 @@ static void test_convert_refuses_duplicate_converted_names(void **state)
 {
 	fixture *fx = *state;
 	const char *in = out_path(fx, "dup-in");
-	assert_int_equal(run(NULL, "cp -r %s %s", fx->tiny, in), 0);
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s", fx->tiny, in), 0);
 	add_tensor_file(in, "embed_tokens.weight");
 	assert_refused(fx, in, 16, 2, "converts to embed.weight");
 }
@@ -622,8 +522,8 @@ static void test_convert_refuses_missing_indexed_file(void **state)
 {
 	fixture *fx = *state;
 	const char *in = out_path(fx, "missing-in");
-	assert_int_equal(run(NULL, "cp -r %s %s && rm %s/model-00002-of-00003.safetensors", fx->tiny,
-			     in, in), 0);
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s && rm %s/model-00002-of-00003.safetensors",
+				   fx->tiny, in, in), 0);
 	assert_refused(fx, in, 16, 2, "model-00002-of-00003.safetensors");
 }
 
@@ -631,7 +531,7 @@ static void test_convert_refuses_missing_config(void **state)
 {
 	fixture *fx = *state;
 	const char *in = out_path(fx, "noconfig-in");
-	assert_int_equal(run(NULL, "cp -r %s %s && rm %s/config.json", fx->tiny, in, in), 0);
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s && rm %s/config.json", fx->tiny, in, in), 0);
 	assert_refused(fx, in, 16, 2, "config.json");
 }
 
@@ -639,14 +539,15 @@ static void test_convert_usage_errors_exit_1(void **state)
 {
 	fixture *fx = *state;
 	const char *out = out_path(fx, "usage");
-	assert_int_equal(run(NULL, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts 16",
-			     fx->bin, fx->tiny, out), 1);
-	assert_int_equal(convert(fx, fx->tiny, out, 16, 0, NULL), 1);
-	assert_int_equal(convert(fx, fx->tiny, out, -1, 2, NULL), 1);
-	assert_int_equal(run(NULL, "%s/dsv3-convert --bogus", fx->bin), 1);
-	assert_false(exists(out));
-	assert_int_equal(run(NULL, "%s/dsv3-convert --help", fx->bin), 0);
-	assert_int_equal(run(NULL, "%s/dsv3-convert --version | grep -q '^dsv3-convert '", fx->bin), 0);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s "
+				   "--n-experts 16", bin_dir(), fx->tiny, out), 1);
+	assert_int_equal(convert(fx->tiny, out, 16, 0, NULL), 1);
+	assert_int_equal(convert(fx->tiny, out, -1, 2, NULL), 1);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-convert --bogus", bin_dir()), 1);
+	assert_false(path_exists(out));
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-convert --help", bin_dir()), 0);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-convert --version | grep -q '^dsv3-convert '",
+				   bin_dir()), 0);
 }
 
 /* ---- a killed run ------------------------------------------------------------------------- */
@@ -686,10 +587,10 @@ static long tmp_model_file_size(const char *dir)
 	return size;
 }
 
-static pid_t start_convert(const fixture *fx, const char *in, const char *out)
+static pid_t start_convert(const char *in, const char *out)
 {
 	char exe[4096];
-	snprintf(exe, sizeof exe, "%s/dsv3-convert", fx->bin);
+	snprintf(exe, sizeof exe, "%s/dsv3-convert", bin_dir());
 	pid_t pid = fork();
 	if (pid == 0) {
 		freopen("/dev/null", "w", stderr);
@@ -705,13 +606,10 @@ static void test_convert_killed_mid_write_leaves_no_final_file(void **state)
 	fixture *fx = *state;
 	const char *in = out_path(fx, "mid-in"), *out = out_path(fx, "mid-out");
 	const char *cfg = path_in(fx->root, "mid.json");
-	FILE *f = fopen(cfg, "w");
-	assert_non_null(f);
-	fputs(mid_config, f);
-	fclose(f);
-	assert_int_equal(run(NULL, "%s/dsv3-synth --config %s --seed 1 --out %s --files 2", fx->bin,
-			     cfg, in), 0);
-	pid_t pid = start_convert(fx, in, out);
+	write_text_file(cfg, mid_config);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-synth --config %s --seed 1 --out %s --files 2",
+				   bin_dir(), cfg, in), 0);
+	pid_t pid = start_convert(in, out);
 	assert_true(pid > 0);
 	int caught = 0;
 	for (int i = 0; i < 20000 && !caught; i++) { /* up to 20 s */
@@ -724,10 +622,10 @@ static void test_convert_killed_mid_write_leaves_no_final_file(void **state)
 	waitpid(pid, &st, 0);
 	assert_true(caught);				       /* it was caught writing a rank file */
 	assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL); /* and did not finish */
-	count_entries(out, &finals, &temps);
+	count_dir_entries(out, &finals, &temps);
 	assert_int_equal(finals, 0);
 	/* the next run cleans the leftovers and succeeds */
-	assert_int_equal(convert(fx, in, out, 16, 2, NULL), 0);
+	assert_int_equal(convert(in, out, 16, 2, NULL), 0);
 	assert_converted_dir(out, 2);
 }
 

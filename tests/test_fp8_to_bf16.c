@@ -8,7 +8,6 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include <ftw.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -20,83 +19,13 @@
 
 #include "hf_ckpt.h"
 #include "safetensors.h"
+#include "support/test_support.h"
 
 /* ---- helpers ---- */
 
-static const char *bin_dir(void)
-{
-	const char *b = getenv("DSV3_BIN");
-	return b ? b : "build/bin";
-}
-
-static int __attribute__((format(printf, 1, 2))) run(const char *fmt, ...)
-{
-	char cmd[8192];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof cmd, fmt, ap);
-	va_end(ap);
-	int rc = system(cmd);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
 static int make_tmp(void **state)
 {
-	char *dir = strdup("/tmp/dsv3-test-fp8-XXXXXX");
-	if (!dir || !mkdtemp(dir))
-		return -1;
-	*state = dir;
-	return 0;
-}
-
-static int remove_tmp(void **state)
-{
-	nftw(*state, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-	free(*state);
-	return 0;
-}
-
-static char *path_in(const char *dir, const char *name)
-{
-	static char buf[4][8192];
-	static int k;
-	k = (k + 1) % 4;
-	snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
-	return buf[k];
-}
-
-static char *slurp(const char *path, size_t *len)
-{
-	FILE *f = fopen(path, "rb");
-	if (!f)
-		return NULL;
-	fseek(f, 0, SEEK_END);
-	long n = ftell(f);
-	fseek(f, 0, SEEK_SET);
-	char *s = malloc((size_t)n + 1);
-	assert_non_null(s);
-	assert_int_equal(fread(s, 1, (size_t)n, f), (size_t)n);
-	s[n] = '\0';
-	fclose(f);
-	if (len)
-		*len = (size_t)n;
-	return s;
-}
-
-static void write_text(const char *path, const char *text)
-{
-	FILE *f = fopen(path, "wb");
-	assert_non_null(f);
-	assert_int_equal(fwrite(text, 1, strlen(text), f), strlen(text));
-	fclose(f);
+	return tmp_dir_setup(state, "fp8");
 }
 
 typedef struct {
@@ -107,35 +36,17 @@ typedef struct {
 	const void *data;
 } tensor_def;
 
-static size_t def_bytes(const tensor_def *t)
-{
-	size_t n = dtype_size(t->dtype);
-	for (int d = 0; d < t->ndim; d++)
-		n *= (size_t)t->shape[d];
-	return n;
-}
-
 /* A safetensors file written with the library's writer (its layout is not under test here). */
 static void write_st(const char *path, const tensor_def *t, size_t n)
 {
 	st_spec specs[16];
+	const void *data[16];
 	assert_true(n <= 16);
 	for (size_t i = 0; i < n; i++) {
-		memset(&specs[i], 0, sizeof specs[i]);
-		specs[i].name = t[i].name;
-		specs[i].dtype = t[i].dtype;
-		specs[i].ndim = t[i].ndim;
-		specs[i].shape[0] = t[i].shape[0];
-		specs[i].shape[1] = t[i].shape[1];
+		specs[i] = (st_spec){ t[i].name, t[i].dtype, t[i].ndim, { t[i].shape[0], t[i].shape[1] } };
+		data[i] = t[i].data;
 	}
-	st_writer *w;
-	dsv3_error err = { 0 };
-	assert_int_equal(st_writer_open(&w, path, specs, n, NULL, &err), 0);
-	for (size_t pos = 0; pos < n; pos++) {
-		size_t k = st_writer_order(w, pos);
-		assert_int_equal(st_writer_write(w, t[k].data, def_bytes(&t[k]), &err), 0);
-	}
-	assert_int_equal(st_writer_finish(w, NULL, &err), 0);
+	write_safetensors(path, specs, data, n);
 }
 
 /* ---- the reference: E4M3 and BF16 from their definitions ---- */
@@ -215,23 +126,9 @@ static int ends_with(const char *s, const char *suffix)
 	return a >= b && strcmp(s + a - b, suffix) == 0;
 }
 
-static int dir_has_final_files(const char *dir)
-{
-	char **names;
-	size_t n;
-	dsv3_error err = { 0 };
-	if (access(dir, F_OK) != 0)
-		return 0;
-	assert_int_equal(dir_glob(dir, "*", &names, &n, &err), 0);
-	for (size_t i = 0; i < n; i++)
-		free(names[i]);
-	free(names);
-	return n > 0;
-}
-
 static int cast_threads(const char *in, const char *out, const char *stderr_path, int threads)
 {
-	return run("%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s --output-bf16-hf-path %s "
+	return run_shell("%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s --output-bf16-hf-path %s "
 		   "--threads %d 2>%s",
 		   bin_dir(), in, out, threads, stderr_path ? stderr_path : "/dev/null");
 }
@@ -251,8 +148,7 @@ static void test_fp8_cast_synth_values_match_reference(void **state)
 	char in[4096], out[4096];
 	snprintf(in, sizeof in, "%s/fp8", tmp);
 	snprintf(out, sizeof out, "%s/bf16", tmp);
-	assert_int_equal(run("%s/dsv3-synth --preset tiny --seed 1 --files 3 --out %s >/dev/null",
-			     bin_dir(), in), 0);
+	assert_int_equal(run_synth("tiny", 1, "--files 3", in), 0);
 	/* 12 threads: three files in flight at once */
 	assert_int_equal(cast_threads(in, out, NULL, 12), 0);
 
@@ -302,7 +198,7 @@ static void test_fp8_cast_synth_values_match_reference(void **state)
 	assert_int_equal(oc.n_index, ic.n_index - dequantised);
 	hf_ckpt_close(&ic);
 	hf_ckpt_close(&oc);
-	assert_int_equal(run("cd %s && sha256sum --quiet -c SHA256SUMS", out), 0);
+	assert_int_equal(run_shell("cd %s && sha256sum --quiet -c SHA256SUMS", out), 0);
 }
 
 /* A BF16 checkpoint has nothing to dequantise: every tensor comes out byte-identical. */
@@ -312,8 +208,7 @@ static void test_fp8_cast_bf16_input_passes_through(void **state)
 	char in[4096], out[4096];
 	snprintf(in, sizeof in, "%s/v2", tmp);
 	snprintf(out, sizeof out, "%s/v2out", tmp);
-	assert_int_equal(run("%s/dsv3-synth --preset tiny-v2 --seed 1 --out %s >/dev/null",
-			     bin_dir(), in), 0);
+	assert_int_equal(run_synth("tiny-v2", 1, "", in), 0);
 	assert_int_equal(cast(in, out, NULL), 0);
 	hf_ckpt ic, oc;
 	dsv3_error err = { 0 };
@@ -369,7 +264,7 @@ static void write_small_ckpt(const char *dir)
 	};
 	write_st(path_in(dir, FILE1), f1, 3);
 	write_st(path_in(dir, FILE2), f2, 3);
-	write_text(path_in(dir, "model.safetensors.index.json"),
+	write_text_file(path_in(dir, "model.safetensors.index.json"),
 		   "{\"metadata\":{\"total_size\":1},\"weight_map\":{"
 		   "\"model.norm.weight\":\"" FILE1 "\","
 		   "\"model.layers.0.mlp.down_proj.weight_scale_inv\":\"" FILE2 "\","
@@ -377,14 +272,14 @@ static void write_small_ckpt(const char *dir)
 		   "\"model.layers.0.mlp.down_proj.weight\":\"" FILE1 "\","
 		   "\"orphan.weight_scale_inv\":\"" FILE1 "\","
 		   "\"orphan.weight\":\"" FILE2 "\"}}\n");
-	write_text(path_in(dir, "config.json"),
+	write_text_file(path_in(dir, "config.json"),
 		   "{\"model_type\": \"deepseek_v3\", \"hidden_size\": 3,\n"
 		   " \"quantization_config\": {\"fmt\": \"e4m3\", \"quant_method\": \"fp8\",\n"
 		   "   \"weight_block_size\": [128, 128]}, \"torch_dtype\": \"bfloat16\"}\n");
-	write_text(path_in(dir, "tokenizer.json"), "{\"model\": {\"type\": \"BPE\"}}\n");
-	write_text(path_in(dir, "tokenizer_config.json"), "{\"add_bos_token\": true}\n");
-	write_text(path_in(dir, "generation_config.json"), "{\"temperature\": 0.6}\n");
-	write_text(path_in(dir, ".hidden"), "not copied\n");
+	write_text_file(path_in(dir, "tokenizer.json"), "{\"model\": {\"type\": \"BPE\"}}\n");
+	write_text_file(path_in(dir, "tokenizer_config.json"), "{\"add_bos_token\": true}\n");
+	write_text_file(path_in(dir, "generation_config.json"), "{\"temperature\": 0.6}\n");
+	write_text_file(path_in(dir, ".hidden"), "not copied\n");
 }
 
 /* Written by hand from json.dump's rules (indent=2: ",\n" between items, ": " after keys,
@@ -411,7 +306,7 @@ static void test_fp8_cast_index_is_python_json_dump(void **state)
 	write_small_ckpt(in);
 	assert_int_equal(cast(in, out, NULL), 0);
 	size_t len;
-	char *index = slurp(path_in(out, "model.safetensors.index.json"), &len);
+	char *index = read_whole_file(path_in(out, "model.safetensors.index.json"), &len);
 	assert_non_null(index);
 	assert_int_equal(len, strlen(expected_index));
 	assert_string_equal(index, expected_index);
@@ -464,22 +359,15 @@ static void test_fp8_cast_rewrites_config_and_copies_other_files(void **state)
 	json_decref(cfg);
 	const char *copied[] = { "tokenizer.json", "tokenizer_config.json", "generation_config.json" };
 	for (size_t i = 0; i < 3; i++) {
-		char *a = slurp(path_in(in, copied[i]), NULL), *b = slurp(path_in(out, copied[i]), NULL);
+		char *a = read_whole_file(path_in(in, copied[i]), NULL);
+		char *b = read_whole_file(path_in(out, copied[i]), NULL);
 		assert_non_null(b);
 		assert_string_equal(a, b);
 		free(a);
 		free(b);
 	}
 	assert_int_not_equal(access(path_in(out, ".hidden"), F_OK), 0);
-	assert_int_equal(run("cd %s && sha256sum --quiet -c SHA256SUMS", out), 0);
-}
-
-static int file_contains(const char *path, const char *needle)
-{
-	char *s = slurp(path, NULL);
-	int found = s && strstr(s, needle);
-	free(s);
-	return found;
+	assert_int_equal(run_shell("cd %s && sha256sum --quiet -c SHA256SUMS", out), 0);
 }
 
 /* Two FP8 weights without scales: refused before writing, both named. */
@@ -498,14 +386,14 @@ static void test_fp8_cast_refuses_missing_scales_naming_each(void **state)
 		{ "c.weight_scale_inv", ST_F32, 2, { 1, 1 }, half_scale },
 	};
 	write_st(path_in(in, FILE1), t, 4);
-	write_text(path_in(in, "model.safetensors.index.json"),
+	write_text_file(path_in(in, "model.safetensors.index.json"),
 		   "{\"weight_map\":{\"a.weight\":\"" FILE1 "\",\"b.weight\":\"" FILE1
 		   "\",\"c.weight\":\"" FILE1 "\",\"c.weight_scale_inv\":\"" FILE1 "\"}}");
 	assert_int_equal(cast(in, out, errf), 2);
 	assert_true(file_contains(errf, "a.weight"));
 	assert_true(file_contains(errf, "b.weight"));
 	assert_false(file_contains(errf, "c.weight"));
-	assert_false(dir_has_final_files(out));
+	assert_int_equal(count_final_entries(out), 0);
 }
 
 /* A scale of the wrong shape names both the weight and the scale. */
@@ -523,13 +411,13 @@ static void test_fp8_cast_refuses_wrong_scale_shape(void **state)
 		{ "a.weight_scale_inv", ST_F32, 2, { 1, 2 }, scales },
 	};
 	write_st(path_in(in, FILE1), t, 2);
-	write_text(path_in(in, "model.safetensors.index.json"),
+	write_text_file(path_in(in, "model.safetensors.index.json"),
 		   "{\"weight_map\":{\"a.weight\":\"" FILE1 "\",\"a.weight_scale_inv\":\"" FILE1
 		   "\"}}");
 	assert_int_equal(cast(in, out, errf), 2);
 	assert_true(file_contains(errf, "a.weight_scale_inv"));
 	assert_true(file_contains(errf, "[1, 2]"));
-	assert_false(dir_has_final_files(out));
+	assert_int_equal(count_final_entries(out), 0);
 }
 
 /* DeepSeek-V3.1 (scale_fmt ue8m0): power-of-two scales, blocks cut at 128 rows and columns,
@@ -552,10 +440,10 @@ static void test_fp8_cast_ue8m0_power_of_two_scales(void **state)
 			      scales } };
 	write_st(path_in(in, FILE1), f1, 1);
 	write_st(path_in(in, FILE2), f2, 1);
-	write_text(path_in(in, "model.safetensors.index.json"),
+	write_text_file(path_in(in, "model.safetensors.index.json"),
 		   "{\"weight_map\":{\"model.layers.0.mlp.up_proj.weight\":\"" FILE1
 		   "\",\"model.layers.0.mlp.up_proj.weight_scale_inv\":\"" FILE2 "\"}}");
-	write_text(path_in(in, "config.json"),
+	write_text_file(path_in(in, "config.json"),
 		   "{\"quantization_config\": {\"fmt\": \"e4m3\", \"scale_fmt\": \"ue8m0\", "
 		   "\"weight_block_size\": [128, 128]}}");
 	assert_int_equal(cast(in, out, NULL), 0);
@@ -575,33 +463,27 @@ static void test_fp8_cast_ue8m0_power_of_two_scales(void **state)
 static void test_fp8_cast_usage_help_version(void **state)
 {
 	(void)state;
-	assert_int_equal(run("%s/dsv3-fp8-to-bf16 --help >/dev/null", bin_dir()), 0);
-	assert_int_equal(run("%s/dsv3-fp8-to-bf16 --version | grep -q '^dsv3-fp8-to-bf16 '",
+	assert_int_equal(run_shell("%s/dsv3-fp8-to-bf16 --help >/dev/null", bin_dir()), 0);
+	assert_int_equal(run_shell("%s/dsv3-fp8-to-bf16 --version | grep -q '^dsv3-fp8-to-bf16 '",
 			     bin_dir()), 0);
-	assert_int_equal(run("%s/dsv3-fp8-to-bf16 2>/dev/null", bin_dir()), 1);
-	assert_int_equal(run("%s/dsv3-fp8-to-bf16 --input-fp8-hf-path x 2>/dev/null", bin_dir()), 1);
-	assert_int_equal(run("%s/dsv3-fp8-to-bf16 -i a -o b --threads 0 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run_shell("%s/dsv3-fp8-to-bf16 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run_shell("%s/dsv3-fp8-to-bf16 --input-fp8-hf-path x 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run_shell("%s/dsv3-fp8-to-bf16 -i a -o b --threads 0 2>/dev/null", bin_dir()), 1);
 }
+
+#define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, tmp_dir_teardown)
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test_setup_teardown(test_fp8_cast_synth_values_match_reference, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_fp8_cast_bf16_input_passes_through, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_fp8_cast_index_is_python_json_dump, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_fp8_cast_small_values_by_hand, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_fp8_cast_rewrites_config_and_copies_other_files,
-						make_tmp, remove_tmp),
-		cmocka_unit_test_setup_teardown(test_fp8_cast_refuses_missing_scales_naming_each,
-						make_tmp, remove_tmp),
-		cmocka_unit_test_setup_teardown(test_fp8_cast_refuses_wrong_scale_shape, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_fp8_cast_ue8m0_power_of_two_scales, make_tmp,
-						remove_tmp),
+		T(test_fp8_cast_synth_values_match_reference),
+		T(test_fp8_cast_bf16_input_passes_through),
+		T(test_fp8_cast_index_is_python_json_dump),
+		T(test_fp8_cast_small_values_by_hand),
+		T(test_fp8_cast_rewrites_config_and_copies_other_files),
+		T(test_fp8_cast_refuses_missing_scales_naming_each),
+		T(test_fp8_cast_refuses_wrong_scale_shape),
+		T(test_fp8_cast_ue8m0_power_of_two_scales),
 		cmocka_unit_test(test_fp8_cast_usage_help_version),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

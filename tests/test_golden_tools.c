@@ -13,37 +13,18 @@
 #include <unistd.h>
 
 #include "safetensors.h"
+#include "support/test_support.h"
 
-static char work[64];
-
-static int sh(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof cmd, fmt, ap);
-	va_end(ap);
-	int rc = system(cmd);
-	if (rc != 0)
-		fprintf(stderr, "command failed (%d): %s\n", rc, cmd);
-	return rc;
-}
-
-static const char *bin(void)
-{
-	const char *b = getenv("DSV3_BIN");
-	return b ? b : "build/bin";
-}
+static char *work;
 
 static int setup(void **state)
 {
 	(void)state;
-	strcpy(work, "/tmp/dsv3-golden-XXXXXX");
-	if (!mkdtemp(work))
+	if (!(work = tmp_dir_create("golden")))
 		return -1;
 	/* The references were made from these exact checkpoints. */
-	if (sh("%s/dsv3-synth --preset tiny --seed 1 --files 3 --out %s/tiny >/dev/null", bin(), work) ||
-	    sh("%s/dsv3-synth --preset tiny-v2 --seed 2 --files 2 --out %s/tiny-v2 >/dev/null", bin(), work))
+	if (run_synth("tiny", 1, "--files 3", path_in(work, "tiny")) ||
+	    run_synth("tiny-v2", 2, "--files 2", path_in(work, "tiny-v2")))
 		return -1;
 	return 0;
 }
@@ -51,7 +32,9 @@ static int setup(void **state)
 static int teardown(void **state)
 {
 	(void)state;
-	return sh("rm -rf %s", work);
+	remove_tree(work);
+	free(work);
+	return 0;
 }
 
 /* `sha256sum -c` of a golden list inside a directory: an independent hasher. */
@@ -60,7 +43,7 @@ static int check_list(const char *dir, const char *list)
 	char cwd[4096];
 	if (!getcwd(cwd, sizeof cwd))
 		return -1;
-	return sh("cd %s && sha256sum --quiet -c %s/golden/tools/%s", dir, cwd, list);
+	return run_noting_failure("cd %s && sha256sum --quiet -c %s/golden/tools/%s", dir, cwd, list);
 }
 
 static void test_synth_reproduces_the_golden_inputs(void **state)
@@ -77,8 +60,9 @@ static void convert_matches(const char *label, int experts, int mp)
 {
 	char d[128], list[64];
 	snprintf(d, sizeof d, "%s/%s-mp%d", work, label, mp);
-	assert_int_equal(sh("%s/dsv3-convert --hf-ckpt-path %s/%s --save-path %s --n-experts %d "
-			    "--model-parallel %d 2>/dev/null", bin(), work, label, d, experts, mp), 0);
+	assert_int_equal(run_noting_failure("%s/dsv3-convert --hf-ckpt-path %s/%s --save-path %s "
+					    "--n-experts %d --model-parallel %d 2>/dev/null",
+					    bin_dir(), work, label, d, experts, mp), 0);
 	snprintf(list, sizeof list, "%s-convert-mp%d.sha256", label, mp);
 	assert_int_equal(check_list(d, list), 0);
 }
@@ -104,23 +88,10 @@ static void test_fp8_to_bf16_matches_torch_reference(void **state)
 	(void)state;
 	char d[128];
 	snprintf(d, sizeof d, "%s/tiny-bf16", work);
-	assert_int_equal(sh("%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s/tiny --output-bf16-hf-path %s "
-			    "2>/dev/null", bin(), work, d), 0);
+	assert_int_equal(run_noting_failure("%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s/tiny "
+					    "--output-bf16-hf-path %s 2>/dev/null", bin_dir(), work, d),
+			 0);
 	assert_int_equal(check_list(d, "tiny-fp8-to-bf16.sha256"), 0);
-}
-
-static int read_all(const char *path, uint8_t **buf, size_t *len)
-{
-	FILE *f = fopen(path, "rb");
-	if (!f)
-		return -1;
-	fseek(f, 0, SEEK_END);
-	*len = (size_t)ftell(f);
-	fseek(f, 0, SEEK_SET);
-	*buf = malloc(*len);
-	size_t got = fread(*buf, 1, *len, f);
-	fclose(f);
-	return got == *len ? 0 : -1;
 }
 
 /* Rewrites a file the Python serializer wrote, from its tensors alone, and compares the bytes. */
@@ -146,10 +117,8 @@ static void rewrite_matches(const char *fixture, const char *const *metadata)
 		assert_int_equal(st_writer_write(w, t->data, t->nbytes, &err), 0);
 	}
 	assert_int_equal(st_writer_finish(w, NULL, &err), 0);
-	uint8_t *a, *b;
 	size_t la, lb;
-	assert_int_equal(read_all(path, &a, &la), 0);
-	assert_int_equal(read_all(out, &b, &lb), 0);
+	char *a = assert_read_file(path, &la), *b = assert_read_file(out, &lb);
 	assert_int_equal(la, lb);
 	assert_memory_equal(a, b, la);
 	free(a);

@@ -6,66 +6,38 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 #include "hf_ckpt.h"
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
+#include "support/test_support.h"
 
 static int make_tmp(void **state)
 {
-	char *dir = strdup("/tmp/dsv3-test-hf-ckpt-XXXXXX");
-	if (!mkdtemp(dir))
-		return -1;
-	*state = dir;
-	return 0;
-}
-
-static int remove_tmp(void **state)
-{
-	nftw(*state, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-	free(*state);
-	return 0;
+	return tmp_dir_setup(state, "hf-ckpt");
 }
 
 /* Writes a safetensors file of U8 tensors of shape [2] holding {k, k+1} for the k-th name. */
 static void write_st(const char *dir, const char *file, const char *const *names, size_t n)
 {
-	char path[4096];
-	snprintf(path, sizeof path, "%s/%s", dir, file);
 	st_spec specs[8];
+	uint8_t bytes[8][2];
+	const void *data[8];
 	assert_true(n <= 8);
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
 		specs[i] = (st_spec){ .name = names[i], .dtype = ST_U8, .ndim = 1, .shape = { 2 } };
-	st_writer *w;
-	dsv3_error err = { 0 };
-	assert_int_equal(st_writer_open(&w, path, specs, n, NULL, &err), 0);
-	for (size_t pos = 0; pos < n; pos++) {
-		size_t k = st_writer_order(w, pos);
-		uint8_t data[2] = { (uint8_t)(10 * k), (uint8_t)(10 * k + 1) };
-		assert_int_equal(st_writer_write(w, data, 2, &err), 0);
+		bytes[i][0] = (uint8_t)(10 * i);
+		bytes[i][1] = (uint8_t)(10 * i + 1);
+		data[i] = bytes[i];
 	}
-	assert_int_equal(st_writer_finish(w, NULL, &err), 0);
+	write_safetensors(path_in(dir, file), specs, data, n);
 }
 
 static void write_text(const char *dir, const char *name, const char *text)
 {
-	char path[4096];
-	snprintf(path, sizeof path, "%s/%s", dir, name);
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
+	write_text_file(path_in(dir, name), text);
 }
 
 static const char *const file1_names[] = { "model.embed_tokens.weight", "model.norm.weight" };
@@ -253,7 +225,7 @@ static void test_dir_glob_sorts_and_skips_hidden_names(void **state)
 	assert_non_null(strstr(err.msg, "/nonexistent-dsv3"));
 }
 
-#define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, remove_tmp)
+#define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, tmp_dir_teardown)
 
 int main(void)
 {

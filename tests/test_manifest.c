@@ -6,13 +6,13 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 #include "manifest.h"
+#include "support/test_support.h"
 
 /* FIPS 180-2 vectors: SHA-256 of "abc" and of the empty message. */
 #define ABC_SHA256 "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
@@ -51,28 +51,9 @@ static const char expected_sums[] = ABC_SHA256 "  README\n" EMPTY_SHA256 "  conf
 					       "  model0-mp1.safetensors\n" EXPECTED_TENSORS_JSON_SHA256
 					       "  tensors.sha256.json\n";
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
 static int make_tmp(void **state)
 {
-	char *dir = strdup("/tmp/dsv3-test-manifest-XXXXXX");
-	if (!mkdtemp(dir))
-		return -1;
-	*state = dir;
-	return 0;
-}
-
-static int remove_tmp(void **state)
-{
-	nftw(*state, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-	free(*state);
-	return 0;
+	return tmp_dir_setup(state, "manifest");
 }
 
 static void unhex(const char *hex, uint8_t out[32])
@@ -96,12 +77,7 @@ static char *read_whole(const char *dir, const char *name)
 
 static void write_text(const char *dir, const char *name, const char *text)
 {
-	char path[4096];
-	snprintf(path, sizeof path, "%s/%s", dir, name);
-	FILE *f = fopen(path, "wb");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
+	write_text_file(path_in(dir, name), text);
 }
 
 /* The tiny checkpoint: the files' real bytes go through the out_dir so sha256sum can check. */
@@ -275,7 +251,7 @@ static void test_manifest_write_refuses_duplicate_file(void **state)
 	manifest_free(&m);
 }
 
-#define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, remove_tmp)
+#define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, tmp_dir_teardown)
 
 int main(void)
 {

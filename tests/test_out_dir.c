@@ -8,7 +8,6 @@
 
 #include <dirent.h>
 #include <errno.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,52 +15,11 @@
 #include <unistd.h>
 
 #include "out_dir.h"
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
+#include "support/test_support.h"
 
 static int make_tmp(void **state)
 {
-	char *dir = strdup("/tmp/dsv3-test-out-dir-XXXXXX");
-	if (!mkdtemp(dir))
-		return -1;
-	*state = dir;
-	return 0;
-}
-
-static int remove_tmp(void **state)
-{
-	nftw(*state, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-	free(*state);
-	return 0;
-}
-
-static char *join(const char *dir, const char *name)
-{
-	static char buf[4][4096];
-	static int k;
-	char *b = buf[k++ % 4];
-	snprintf(b, sizeof buf[0], "%s/%s", dir, name);
-	return b;
-}
-
-static int exists(const char *path)
-{
-	struct stat st;
-	return stat(path, &st) == 0;
-}
-
-static void write_text(const char *path, const char *text)
-{
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
+	return tmp_dir_setup(state, "out-dir");
 }
 
 static void assert_file_text(const char *path, const char *text)
@@ -92,9 +50,9 @@ static size_t count_entries(const char *dir)
 static void test_out_dir_files_appear_only_after_commit(void **state)
 {
 	const char *root = *state;
-	char *dir = strdup(join(root, "a/b/out")); /* parents are created too */
-	char *src = strdup(join(root, "src.txt"));
-	write_text(src, "copied bytes\n");
+	char *dir = strdup(path_in(root, "a/b/out")); /* parents are created too */
+	char *src = strdup(path_in(root, "src.txt"));
+	write_text_file(src, "copied bytes\n");
 	out_dir o;
 	dsv3_error err = { 0 };
 	assert_int_equal(out_dir_open(&o, dir, &err), 0);
@@ -102,20 +60,20 @@ static void test_out_dir_files_appear_only_after_commit(void **state)
 	assert_int_equal(out_dir_copy_file(&o, src, "copy.txt", &err), 0);
 	const char *tmp = out_dir_add(&o, "big.bin", &err);
 	assert_non_null(tmp);
-	const char *prefix = join(dir, OUT_DIR_TMP_PREFIX);
+	const char *prefix = path_in(dir, OUT_DIR_TMP_PREFIX);
 	assert_int_equal(strncmp(tmp, prefix, strlen(prefix)), 0);
-	write_text(tmp, "big\n");
+	write_text_file(tmp, "big\n");
 
-	assert_false(exists(join(dir, "small.json")));
-	assert_false(exists(join(dir, "copy.txt")));
-	assert_false(exists(join(dir, "big.bin")));
+	assert_false(path_exists(path_in(dir, "small.json")));
+	assert_false(path_exists(path_in(dir, "copy.txt")));
+	assert_false(path_exists(path_in(dir, "big.bin")));
 	assert_int_equal(count_entries(dir), 3); /* three temporaries */
 
 	assert_int_equal(out_dir_commit(&o, &err), 0);
 	out_dir_close(&o);
-	assert_file_text(join(dir, "small.json"), "{}\n");
-	assert_file_text(join(dir, "copy.txt"), "copied bytes\n");
-	assert_file_text(join(dir, "big.bin"), "big\n");
+	assert_file_text(path_in(dir, "small.json"), "{}\n");
+	assert_file_text(path_in(dir, "copy.txt"), "copied bytes\n");
+	assert_file_text(path_in(dir, "big.bin"), "big\n");
 	assert_int_equal(count_entries(dir), 3); /* no temporary left */
 	free(dir);
 	free(src);
@@ -129,7 +87,7 @@ static void test_out_dir_close_without_commit_leaves_nothing(void **state)
 	assert_int_equal(out_dir_open(&o, dir, &err), 0);
 	assert_int_equal(out_dir_write_file(&o, "x.safetensors", "abc", 3, &err), 0);
 	const char *tmp = out_dir_add(&o, "y.safetensors", &err);
-	write_text(tmp, "partial");
+	write_text_file(tmp, "partial");
 	out_dir_add(&o, "never-written", &err); /* registered, never created: close must cope */
 	out_dir_close(&o);
 	assert_int_equal(count_entries(dir), 0);
@@ -138,32 +96,32 @@ static void test_out_dir_close_without_commit_leaves_nothing(void **state)
 static void test_out_dir_open_removes_stale_temporaries(void **state)
 {
 	const char *dir = *state;
-	write_text(join(dir, ".dsv3-tmp.model0-mp1.safetensors.12345"), "killed run");
-	write_text(join(dir, ".dsv3-tmp.SHA256SUMS.1"), "killed run");
-	write_text(join(dir, "keep.txt"), "user file");
-	write_text(join(dir, ".hidden"), "user file");
+	write_text_file(path_in(dir, ".dsv3-tmp.model0-mp1.safetensors.12345"), "killed run");
+	write_text_file(path_in(dir, ".dsv3-tmp.SHA256SUMS.1"), "killed run");
+	write_text_file(path_in(dir, "keep.txt"), "user file");
+	write_text_file(path_in(dir, ".hidden"), "user file");
 	out_dir o;
 	dsv3_error err = { 0 };
 	assert_int_equal(out_dir_open(&o, dir, &err), 0);
 	out_dir_close(&o);
-	assert_false(exists(join(dir, ".dsv3-tmp.model0-mp1.safetensors.12345")));
-	assert_false(exists(join(dir, ".dsv3-tmp.SHA256SUMS.1")));
-	assert_file_text(join(dir, "keep.txt"), "user file");
-	assert_file_text(join(dir, ".hidden"), "user file");
+	assert_false(path_exists(path_in(dir, ".dsv3-tmp.model0-mp1.safetensors.12345")));
+	assert_false(path_exists(path_in(dir, ".dsv3-tmp.SHA256SUMS.1")));
+	assert_file_text(path_in(dir, "keep.txt"), "user file");
+	assert_file_text(path_in(dir, ".hidden"), "user file");
 }
 
 static void test_out_dir_commit_replaces_an_older_file(void **state)
 {
 	const char *dir = *state;
-	write_text(join(dir, "config.json"), "old");
+	write_text_file(path_in(dir, "config.json"), "old");
 	out_dir o;
 	dsv3_error err = { 0 };
 	assert_int_equal(out_dir_open(&o, dir, &err), 0);
 	assert_int_equal(out_dir_write_file(&o, "config.json", "new", 3, &err), 0);
-	assert_file_text(join(dir, "config.json"), "old");
+	assert_file_text(path_in(dir, "config.json"), "old");
 	assert_int_equal(out_dir_commit(&o, &err), 0);
 	out_dir_close(&o);
-	assert_file_text(join(dir, "config.json"), "new");
+	assert_file_text(path_in(dir, "config.json"), "new");
 }
 
 static void test_out_dir_refuses_a_name_added_twice(void **state)
@@ -194,25 +152,25 @@ static void test_out_dir_refuses_names_with_a_slash(void **state)
 static void test_out_dir_errors_name_the_path(void **state)
 {
 	const char *root = *state;
-	char *file = strdup(join(root, "plain-file"));
-	write_text(file, "x");
+	char *file = strdup(path_in(root, "plain-file"));
+	write_text_file(file, "x");
 	out_dir o;
 	dsv3_error err = { 0 };
 	/* A directory cannot be made under a regular file. */
-	int rc = out_dir_open(&o, join(file, "sub"), &err);
+	int rc = out_dir_open(&o, path_in(file, "sub"), &err);
 	assert_int_equal(rc, DSV3_EIO);
 	assert_non_null(strstr(err.msg, "plain-file"));
 	out_dir_close(&o);
 
 	assert_int_equal(out_dir_open(&o, root, &err), 0);
-	rc = out_dir_copy_file(&o, join(root, "no-such-source"), "dst", &err);
+	rc = out_dir_copy_file(&o, path_in(root, "no-such-source"), "dst", &err);
 	assert_int_equal(rc, DSV3_EIO);
 	assert_non_null(strstr(err.msg, "no-such-source"));
 	out_dir_close(&o);
 	free(file);
 }
 
-#define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, remove_tmp)
+#define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, tmp_dir_teardown)
 
 int main(void)
 {

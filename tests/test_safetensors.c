@@ -16,6 +16,7 @@
 
 #include "safetensors.h"
 #include "sha256.h"
+#include "support/test_support.h"
 
 #define LABEL "label-under-test.safetensors"
 
@@ -66,50 +67,7 @@ static void parse_ok(st_file *f, const uint8_t *b, size_t size)
 
 static int make_tmpdir(void **state)
 {
-	char tmpl[] = "/tmp/dsv3-test-st-XXXXXX";
-	assert_non_null(mkdtemp(tmpl));
-	*state = strdup(tmpl);
-	return 0;
-}
-
-static int remove_tmpdir(void **state)
-{
-	char *dir = *state;
-	DIR *d = opendir(dir);
-	struct dirent *e;
-	char path[4096];
-	while (d && (e = readdir(d))) {
-		if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-			snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-			unlink(path);
-		}
-	}
-	if (d)
-		closedir(d);
-	rmdir(dir);
-	free(dir);
-	return 0;
-}
-
-static char *path_in(void **state, const char *name)
-{
-	static char path[4096];
-	snprintf(path, sizeof path, "%s/%s", (char *)*state, name);
-	return path;
-}
-
-static uint8_t *read_whole(const char *path, size_t *size)
-{
-	FILE *fp = fopen(path, "rb");
-	assert_non_null(fp);
-	fseek(fp, 0, SEEK_END);
-	*size = (size_t)ftell(fp);
-	fseek(fp, 0, SEEK_SET);
-	uint8_t *b = malloc(*size + 1);
-	assert_non_null(b);
-	assert_int_equal(fread(b, 1, *size, fp), *size);
-	fclose(fp);
-	return b;
+	return tmp_dir_setup(state, "st");
 }
 
 /* Reader: rejections ------------------------------------------------------------------------ */
@@ -567,7 +525,7 @@ static void test_header_lays_out_by_dtype_rank_then_bytewise_name(void **state)
 	free(json);
 
 	st_writer *w;
-	const char *path = path_in(state, "order.safetensors");
+	const char *path = path_in(*state, "order.safetensors");
 	assert_int_equal(st_writer_open(&w, path, specs, N, NULL, &err), 0);
 	for (size_t i = 0; i < N; i++)
 		assert_string_equal(specs[st_writer_order(w, i)].name, want[i]);
@@ -611,7 +569,7 @@ static void test_header_writes_large_dims_and_offsets(void **state)
 static void expect_writer_refuses(void **state, const st_spec *specs, size_t n,
 				  const char *const *md, const char *tensor)
 {
-	const char *path = path_in(state, "refused.safetensors");
+	const char *path = path_in(*state, "refused.safetensors");
 	st_writer *w = (st_writer *)1;
 	dsv3_error err = { 0 };
 	int rc = st_writer_open(&w, path, specs, n, md, &err);
@@ -651,7 +609,7 @@ static void test_writer_refuses_bad_specs(void **state)
 
 static void test_writer_round_trip_through_a_file(void **state)
 {
-	const char *path = path_in(state, "round.safetensors");
+	const char *path = path_in(*state, "round.safetensors");
 	const st_spec specs[] = {
 		{ "model.embed.weight", ST_BF16, 2, { 3, 5 } },
 		{ "model.norm.scale", ST_F32, 0, { 0 } },
@@ -690,7 +648,7 @@ static void test_writer_round_trip_through_a_file(void **state)
 	assert_int_equal(st_writer_finish(w, sha, &err), 0);
 
 	size_t size;
-	uint8_t *whole = read_whole(path, &size);
+	uint8_t *whole = (uint8_t *)assert_read_file(path, &size);
 	sha256_buffer(whole, size, want);
 	assert_memory_equal(sha, want, 32);
 	struct stat st;
@@ -732,13 +690,13 @@ static void test_writer_round_trip_through_a_file(void **state)
 
 static void test_writer_file_of_zero_tensors(void **state)
 {
-	const char *path = path_in(state, "empty.safetensors");
+	const char *path = path_in(*state, "empty.safetensors");
 	st_writer *w;
 	dsv3_error err = { 0 };
 	assert_int_equal(st_writer_open(&w, path, NULL, 0, NULL, &err), 0);
 	assert_int_equal(st_writer_finish(w, NULL, &err), 0);
 	size_t size;
-	uint8_t *b = read_whole(path, &size);
+	uint8_t *b = (uint8_t *)assert_read_file(path, &size);
 	assert_int_equal(size, 16);
 	assert_memory_equal(b, "\x08\0\0\0\0\0\0\0{}      ", 16);
 	free(b);
@@ -750,7 +708,7 @@ static void test_writer_file_of_zero_tensors(void **state)
 
 static void test_writer_bytes_equal_hand_built_file(void **state)
 {
-	const char *path = path_in(state, "small.safetensors");
+	const char *path = path_in(*state, "small.safetensors");
 	const st_spec specs[] = { { "b", ST_U8, 1, { 2 } }, { "a", ST_I16, 1, { 1 } } };
 	st_writer *w;
 	dsv3_error err = { 0 };
@@ -762,7 +720,7 @@ static void test_writer_bytes_equal_hand_built_file(void **state)
 	/* 106 bytes of JSON and 6 spaces: N = 112 = 0x70 */
 	assert_int_equal(strlen(json), 106);
 	size_t size;
-	uint8_t *b = read_whole(path, &size);
+	uint8_t *b = (uint8_t *)assert_read_file(path, &size);
 	assert_int_equal(size, 8 + 112 + 4);
 	assert_memory_equal(b, "\x70\0\0\0\0\0\0\0", 8);
 	assert_memory_equal(b + 8, json, 106);
@@ -773,7 +731,7 @@ static void test_writer_bytes_equal_hand_built_file(void **state)
 
 static void test_writer_refuses_too_many_or_too_few_bytes(void **state)
 {
-	const char *path = path_in(state, "count.safetensors");
+	const char *path = path_in(*state, "count.safetensors");
 	const st_spec s = { "count.w", ST_F32, 1, { 2 } };
 	st_writer *w;
 	dsv3_error err = { 0 };
@@ -795,7 +753,7 @@ static void test_writer_reports_disk_full(void **state)
 	if (access("/dev/full", W_OK) != 0)
 		skip();
 	/* a link, so that abort unlinks the link and never the device */
-	const char *path = path_in(state, "full.safetensors");
+	const char *path = path_in(*state, "full.safetensors");
 	assert_int_equal(symlink("/dev/full", path), 0);
 	const st_spec s = { "w", ST_U8, 1, { 100 } };
 	st_writer *w;
@@ -814,7 +772,7 @@ static void test_writer_reports_disk_full(void **state)
 
 static void test_writer_reports_unwritable_path(void **state)
 {
-	const char *path = path_in(state, "no/such/dir/x.safetensors");
+	const char *path = path_in(*state, "no/such/dir/x.safetensors");
 	st_writer *w;
 	dsv3_error err = { 0 };
 	assert_int_equal(st_writer_open(&w, path, NULL, 0, NULL, &err), DSV3_EIO);
@@ -834,7 +792,7 @@ static void write_bytes(const char *path, const void *b, size_t n)
 
 static void test_open_rejects_truncated_file(void **state)
 {
-	const char *path = path_in(state, "trunc.safetensors");
+	const char *path = path_in(*state, "trunc.safetensors");
 	const st_spec s = { "cut.w", ST_F32, 1, { 4 } };
 	st_writer *w;
 	dsv3_error err = { 0 };
@@ -863,7 +821,7 @@ static void test_open_reports_missing_file_and_directory(void **state)
 {
 	st_file f;
 	dsv3_error err = { 0 };
-	const char *path = path_in(state, "missing.safetensors");
+	const char *path = path_in(*state, "missing.safetensors");
 	assert_int_equal(st_open(&f, path, &err), DSV3_EIO);
 	assert_non_null(strstr(err.msg, path));
 	assert_int_not_equal(st_open(&f, (char *)*state, &err), 0);
@@ -872,7 +830,7 @@ static void test_open_reports_missing_file_and_directory(void **state)
 
 static void test_open_reads_a_hand_built_file(void **state)
 {
-	const char *path = path_in(state, "hand.safetensors");
+	const char *path = path_in(*state, "hand.safetensors");
 	const char *h = "{\"x\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
 	size_t size;
 	uint8_t *b = make_file(h, strlen(h), 8, &size);
@@ -890,7 +848,7 @@ static void test_open_reads_a_hand_built_file(void **state)
 }
 
 #define T(f) cmocka_unit_test(f)
-#define TD(f) cmocka_unit_test_setup_teardown(f, make_tmpdir, remove_tmpdir)
+#define TD(f) cmocka_unit_test_setup_teardown(f, make_tmpdir, tmp_dir_teardown)
 
 int main(void)
 {

@@ -7,7 +7,6 @@
 #include <cmocka.h>
 
 #include <dirent.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,112 +15,34 @@
 #include <unistd.h>
 
 #include "safetensors.h"
+#include "support/test_support.h"
 
 typedef struct {
-	char root[64];
+	char *root;
 	char tiny[128];	   /* dsv3-synth --preset tiny --seed 1 --files 3 */
 	char conv[3][128]; /* dsv3-convert of tiny for mp 1, 2, 4 */
-	char bin[2048];
 } fixture;
 
 static const int conv_mp[3] = { 1, 2, 4 };
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+static int shard(const char *in, const char *out, int mp)
 {
-	(void)st, (void)flag, (void)ftw;
-	return remove(path);
-}
-
-static char *path_in(const char *dir, const char *name)
-{
-	static char buf[8][4096];
-	static int k;
-	char tmp[4096]; /* dir may be an earlier result */
-	snprintf(tmp, sizeof tmp, "%s/%s", dir, name);
-	char *b = buf[k++ % 8];
-	memcpy(b, tmp, sizeof tmp);
-	return b;
-}
-
-static int __attribute__((format(printf, 2, 3))) run(const char *err_path, const char *fmt, ...)
-{
-	char cmd[8192], full[8400];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof cmd, fmt, ap);
-	va_end(ap);
-	snprintf(full, sizeof full, "%s >/dev/null 2>%s", cmd, err_path ? err_path : "/dev/null");
-	int st = system(full);
-	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static int exists(const char *path)
-{
-	struct stat st;
-	return stat(path, &st) == 0;
-}
-
-static int file_contains(const char *path, const char *needle)
-{
-	FILE *f = fopen(path, "rb");
-	if (!f)
-		return 0;
-	char buf[16384];
-	size_t n = fread(buf, 1, sizeof buf - 1, f);
-	fclose(f);
-	buf[n] = '\0';
-	return strstr(buf, needle) != NULL;
-}
-
-/* Final (non-temporary) entries of dir; 0 when it does not exist. */
-static int count_finals(const char *dir)
-{
-	int n = 0;
-	DIR *d = opendir(dir);
-	if (!d)
-		return 0;
-	struct dirent *e;
-	while ((e = readdir(d)))
-		n += strcmp(e->d_name, ".") && strcmp(e->d_name, "..") &&
-		     strncmp(e->d_name, ".dsv3-tmp.", 10);
-	closedir(d);
-	return n;
-}
-
-static const char *fresh(const fixture *fx, const char *name)
-{
-	/* Its own ring: path_in's slots are reused within a test. */
-	static char paths[32][4096];
-	static int k;
-	char *p = paths[k++ % 32];
-	snprintf(p, sizeof paths[0], "%s/%s", fx->root, name);
-	nftw(p, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-	return p;
-}
-
-static int shard(const fixture *fx, const char *in, const char *out, int mp)
-{
-	return run(NULL, "%s/dsv3-shard --input %s --save-path %s --model-parallel %d", fx->bin, in,
-		   out, mp);
+	return run_quiet(NULL, "%s/dsv3-shard --input %s --save-path %s --model-parallel %d",
+			 bin_dir(), in, out, mp);
 }
 
 static int setup(void **state)
 {
 	fixture *fx = calloc(1, sizeof *fx);
-	const char *bin = getenv("DSV3_BIN");
-	if (!fx || !bin)
-		return -1;
-	snprintf(fx->bin, sizeof fx->bin, "%s", bin);
-	strcpy(fx->root, "/tmp/dsv3-test-shard-XXXXXX");
-	if (!mkdtemp(fx->root))
+	if (!fx || !(fx->root = tmp_dir_create("shard")))
 		return -1;
 	snprintf(fx->tiny, sizeof fx->tiny, "%s/tiny", fx->root);
-	if (run(NULL, "%s/dsv3-synth --preset tiny --seed 1 --out %s --files 3", fx->bin, fx->tiny))
+	if (run_synth("tiny", 1, "--files 3", fx->tiny))
 		return -1;
 	for (int i = 0; i < 3; i++) {
 		snprintf(fx->conv[i], sizeof fx->conv[i], "%s/conv-mp%d", fx->root, conv_mp[i]);
-		if (run(NULL, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts 16 "
-			"--model-parallel %d", fx->bin, fx->tiny, fx->conv[i], conv_mp[i]))
+		if (run_quiet(NULL, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts 16 "
+			"--model-parallel %d", bin_dir(), fx->tiny, fx->conv[i], conv_mp[i]))
 			return -1;
 	}
 	*state = fx;
@@ -131,7 +52,8 @@ static int setup(void **state)
 static int teardown(void **state)
 {
 	fixture *fx = *state;
-	nftw(fx->root, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+	remove_tree(fx->root);
+	free(fx->root);
 	free(fx);
 	return 0;
 }
@@ -139,14 +61,14 @@ static int teardown(void **state)
 /* Every file of `want` (a dsv3-convert output) is in `got` with the same bytes, and nothing else. */
 static void assert_same_dir(const char *got, const char *want)
 {
-	assert_int_equal(count_finals(got), count_finals(want));
+	assert_int_equal(count_final_entries(got), count_final_entries(want));
 	DIR *d = opendir(want);
 	assert_non_null(d);
 	struct dirent *e;
 	while ((e = readdir(d))) {
 		if (e->d_name[0] == '.')
 			continue;
-		if (run(NULL, "cmp %s %s", path_in(want, e->d_name), path_in(got, e->d_name)) != 0) {
+		if (run_quiet(NULL, "cmp %s %s", path_in(want, e->d_name), path_in(got, e->d_name)) != 0) {
 			print_error("%s differs from %s\n", path_in(got, e->d_name),
 				    path_in(want, e->d_name));
 			fail();
@@ -160,26 +82,26 @@ static void assert_same_dir(const char *got, const char *want)
 static void test_shard_round_trip_matches_direct_conversion(void **state)
 {
 	fixture *fx = *state;
-	const char *to2 = fresh(fx, "to2"), *to1 = fresh(fx, "to1");
-	assert_int_equal(shard(fx, fx->conv[2], to2, 2), 0);
+	const char *to2 = fresh_path(fx->root, "to2"), *to1 = fresh_path(fx->root, "to1");
+	assert_int_equal(shard(fx->conv[2], to2, 2), 0);
 	assert_same_dir(to2, fx->conv[1]);
-	assert_int_equal(shard(fx, to2, to1, 1), 0);
+	assert_int_equal(shard(to2, to1, 1), 0);
 	assert_same_dir(to1, fx->conv[0]);
 }
 
 static void test_shard_splits_one_into_four_like_convert(void **state)
 {
 	fixture *fx = *state;
-	const char *to4 = fresh(fx, "1to4");
-	assert_int_equal(shard(fx, fx->conv[0], to4, 4), 0);
+	const char *to4 = fresh_path(fx->root, "1to4");
+	assert_int_equal(shard(fx->conv[0], to4, 4), 0);
 	assert_same_dir(to4, fx->conv[2]);
 }
 
 static void test_shard_to_same_count_is_a_copy(void **state)
 {
 	fixture *fx = *state;
-	const char *same = fresh(fx, "2to2");
-	assert_int_equal(shard(fx, fx->conv[1], same, 2), 0);
+	const char *same = fresh_path(fx->root, "2to2");
+	assert_int_equal(shard(fx->conv[1], same, 2), 0);
 	assert_same_dir(same, fx->conv[1]);
 }
 
@@ -187,51 +109,48 @@ static void test_shard_to_same_count_is_a_copy(void **state)
 static void test_shard_logical_hashes_identical_everywhere(void **state)
 {
 	fixture *fx = *state;
-	const char *a = fresh(fx, "lh4to2"), *b = fresh(fx, "lh1to4");
-	assert_int_equal(shard(fx, fx->conv[2], a, 2), 0);
-	assert_int_equal(shard(fx, fx->conv[0], b, 4), 0);
+	const char *a = fresh_path(fx->root, "lh4to2"), *b = fresh_path(fx->root, "lh1to4");
+	assert_int_equal(shard(fx->conv[2], a, 2), 0);
+	assert_int_equal(shard(fx->conv[0], b, 4), 0);
 	const char *ref = path_in(fx->conv[0], "tensors.sha256.json");
-	assert_int_equal(run(NULL, "cmp %s %s", ref, path_in(fx->conv[1], "tensors.sha256.json")), 0);
-	assert_int_equal(run(NULL, "cmp %s %s", ref, path_in(fx->conv[2], "tensors.sha256.json")), 0);
-	assert_int_equal(run(NULL, "cmp %s %s", ref, path_in(a, "tensors.sha256.json")), 0);
-	assert_int_equal(run(NULL, "cmp %s %s", ref, path_in(b, "tensors.sha256.json")), 0);
+	assert_int_equal(run_quiet(NULL, "cmp %s %s", ref, path_in(fx->conv[1], "tensors.sha256.json")), 0);
+	assert_int_equal(run_quiet(NULL, "cmp %s %s", ref, path_in(fx->conv[2], "tensors.sha256.json")), 0);
+	assert_int_equal(run_quiet(NULL, "cmp %s %s", ref, path_in(a, "tensors.sha256.json")), 0);
+	assert_int_equal(run_quiet(NULL, "cmp %s %s", ref, path_in(b, "tensors.sha256.json")), 0);
 }
 
 /* Without config.json or manifests the expert count is read from the tensor names. */
 static void test_shard_counts_experts_without_config(void **state)
 {
 	fixture *fx = *state;
-	const char *in = fresh(fx, "bare-in"), *out = fresh(fx, "bare-out");
-	assert_int_equal(run(NULL, "mkdir %s && cp %s/model*-mp4.safetensors %s", in, fx->conv[2], in), 0);
-	assert_int_equal(shard(fx, in, out, 2), 0);
+	const char *in = fresh_path(fx->root, "bare-in"), *out = fresh_path(fx->root, "bare-out");
+	assert_int_equal(run_quiet(NULL, "mkdir %s && cp %s/model*-mp4.safetensors %s", in, fx->conv[2], in), 0);
+	assert_int_equal(shard(in, out, 2), 0);
 	for (int r = 0; r < 2; r++) {
 		char name[64];
 		snprintf(name, sizeof name, "model%d-mp2.safetensors", r);
-		assert_int_equal(run(NULL, "cmp %s %s", path_in(out, name), path_in(fx->conv[1], name)), 0);
+		assert_int_equal(run_quiet(NULL, "cmp %s %s", path_in(out, name), path_in(fx->conv[1], name)), 0);
 	}
-	assert_false(exists(path_in(out, "config.json")));
+	assert_false(path_exists(path_in(out, "config.json")));
 }
 
 /* ---- refusals ----------------------------------------------------------------------------- */
 
 static void assert_refused(const fixture *fx, const char *in, int mp, const char *needle)
 {
-	const char *out = fresh(fx, "refused"), *msg = path_in(fx->root, "stderr.txt");
-	int rc = run(msg, "%s/dsv3-shard --input %s --save-path %s --model-parallel %d", fx->bin, in,
+	const char *out = fresh_path(fx->root, "refused"), *msg = path_in(fx->root, "stderr.txt");
+	int rc = run_quiet(msg, "%s/dsv3-shard --input %s --save-path %s --model-parallel %d", bin_dir(), in,
 		     out, mp);
 	assert_int_equal(rc, 2);
-	if (!file_contains(msg, needle)) {
-		print_error("message lacks \"%s\"\n", needle);
-		fail();
-	}
-	assert_int_equal(count_finals(out), 0);
+	assert_file_contains(msg, needle);
+	assert_int_equal(count_final_entries(out), 0);
 }
 
 static void test_shard_refuses_experts_not_divisible(void **state)
 {
 	fixture *fx = *state;
 	assert_refused(fx, fx->conv[2], 3, "16 experts cannot be divided among 3 ranks");
-	assert_false(exists(path_in(fx->root, "refused"))); /* refused before creating anything */
+	assert_false(path_exists(path_in(fx->root, "refused"))); /* refused before creating anything */
 }
 
 static void test_shard_refuses_indivisible_split(void **state)
@@ -244,8 +163,8 @@ static void test_shard_refuses_indivisible_split(void **state)
 static void test_shard_refuses_missing_rank_file(void **state)
 {
 	fixture *fx = *state;
-	const char *in = fresh(fx, "norank");
-	assert_int_equal(run(NULL, "cp -r %s %s && rm %s/model2-mp4.safetensors", fx->conv[2], in, in), 0);
+	const char *in = fresh_path(fx->root, "norank");
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s && rm %s/model2-mp4.safetensors", fx->conv[2], in, in), 0);
 	assert_refused(fx, in, 2, "model2-mp4.safetensors: missing");
 }
 
@@ -254,8 +173,8 @@ static void test_shard_refuses_missing_rank_file(void **state)
 static void test_shard_refuses_differing_replicated_copies(void **state)
 {
 	fixture *fx = *state;
-	const char *in = fresh(fx, "badcopy");
-	assert_int_equal(run(NULL, "cp -r %s %s && rm %s/tensors.sha256.json", fx->conv[1], in, in), 0);
+	const char *in = fresh_path(fx->root, "badcopy");
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s && rm %s/tensors.sha256.json", fx->conv[1], in, in), 0);
 	st_file f;
 	dsv3_error err;
 	const char *path = path_in(in, "model1-mp2.safetensors");
@@ -278,8 +197,8 @@ static void test_shard_refuses_differing_replicated_copies(void **state)
 static void test_shard_refuses_bytes_not_matching_manifest(void **state)
 {
 	fixture *fx = *state;
-	const char *in = fresh(fx, "badhash");
-	assert_int_equal(run(NULL, "cp -r %s %s", fx->conv[1], in), 0);
+	const char *in = fresh_path(fx->root, "badhash");
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s", fx->conv[1], in), 0);
 	st_file f;
 	dsv3_error err;
 	const char *path = path_in(in, "model0-mp2.safetensors");
@@ -301,12 +220,12 @@ static void test_shard_refuses_bytes_not_matching_manifest(void **state)
 static void test_shard_usage_errors_exit_1(void **state)
 {
 	fixture *fx = *state;
-	const char *out = fresh(fx, "usage");
-	assert_int_equal(run(NULL, "%s/dsv3-shard --input %s --save-path %s", fx->bin, fx->conv[1], out), 1);
-	assert_int_equal(shard(fx, fx->conv[1], out, 0), 1);
-	assert_false(exists(out));
-	assert_int_equal(run(NULL, "%s/dsv3-shard --help", fx->bin), 0);
-	assert_int_equal(run(NULL, "%s/dsv3-shard --version | grep -q '^dsv3-shard '", fx->bin), 0);
+	const char *out = fresh_path(fx->root, "usage");
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-shard --input %s --save-path %s", bin_dir(), fx->conv[1], out), 1);
+	assert_int_equal(shard(fx->conv[1], out, 0), 1);
+	assert_false(path_exists(out));
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-shard --help", bin_dir()), 0);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-shard --version | grep -q '^dsv3-shard '", bin_dir()), 0);
 }
 
 int main(void)

@@ -7,7 +7,6 @@
 #include <cmocka.h>
 
 #include <dirent.h>
-#include <ftw.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -21,28 +20,26 @@
 #include "model_layout.h"
 #include "safetensors.h"
 #include "sha256.h"
+#include "support/test_support.h"
 
 static char tmp_root[256];
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
 
 static int setup(void **state)
 {
 	(void)state;
-	snprintf(tmp_root, sizeof tmp_root, "/tmp/dsv3-test-synth-XXXXXX");
-	return mkdtemp(tmp_root) ? 0 : -1;
+	char *dir = tmp_dir_create("synth");
+	if (!dir)
+		return -1;
+	snprintf(tmp_root, sizeof tmp_root, "%s", dir);
+	free(dir);
+	return 0;
 }
 
 static int teardown(void **state)
 {
 	(void)state;
-	return nftw(tmp_root, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+	remove_tree(tmp_root);
+	return 0;
 }
 
 /* Path of `name` under the temporary root (static buffers, rotating, so a few can coexist). */
@@ -62,13 +59,7 @@ static const char *tmp_path(const char *fmt, ...)
 /* Runs dsv3-synth with `args`, stderr to tmp_root/stderr; returns its exit status. */
 static int synth(const char *args)
 {
-	const char *bin = getenv("DSV3_BIN");
-	if (!bin)
-		bin = "build/bin";
-	char cmd[2048];
-	snprintf(cmd, sizeof cmd, "%s/dsv3-synth %s 2>%s/stderr", bin, args, tmp_root);
-	int st = system(cmd);
-	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+	return run_shell("%s/dsv3-synth %s 2>%s/stderr", bin_dir(), args, tmp_root);
 }
 
 /* Writes a checkpoint under tmp_root/<dir> and asserts success. */
@@ -77,22 +68,6 @@ static void synth_ok(const char *dir, const char *args)
 	char full[1024];
 	snprintf(full, sizeof full, "%s --out %s", args, tmp_path("%s", dir));
 	assert_int_equal(synth(full), 0);
-}
-
-static char *read_file(const char *path, size_t *len)
-{
-	FILE *f = fopen(path, "rb");
-	assert_non_null(f);
-	fseek(f, 0, SEEK_END);
-	long n = ftell(f);
-	fseek(f, 0, SEEK_SET);
-	char *b = malloc((size_t)n + 1);
-	assert_non_null(b);
-	assert_int_equal(fread(b, 1, (size_t)n, f), (size_t)n);
-	b[n] = '\0';
-	fclose(f);
-	*len = (size_t)n;
-	return b;
 }
 
 static json_t *load_json(const char *path)
@@ -177,7 +152,7 @@ static char *dir_listing(const char *dir)
 static void assert_same_file(const char *a, const char *b)
 {
 	size_t la, lb;
-	char *x = read_file(a, &la), *y = read_file(b, &lb);
+	char *x = assert_read_file(a, &la), *y = assert_read_file(b, &lb);
 	if (la != lb || memcmp(x, y, la))
 		fail_msg("%s and %s differ", a, b);
 	free(x);
@@ -572,7 +547,7 @@ static void test_synth_unknown_preset_fails_and_writes_nothing(void **state)
 	int rc = synth(args);
 	assert_true(rc == 1 || rc == 2);
 	size_t len;
-	char *msg = read_file(tmp_path("stderr"), &len);
+	char *msg = assert_read_file(tmp_path("stderr"), &len);
 	assert_non_null(strstr(msg, "tiny-v9"));
 	free(msg);
 	struct stat st;
@@ -612,7 +587,7 @@ static void test_synth_bad_config_is_a_data_error_naming_the_key(void **state)
 	snprintf(args, sizeof args, "--config %s --seed 1 --out %s", cfg, tmp_path("badcfg"));
 	assert_int_equal(synth(args), 2);
 	size_t len;
-	char *msg = read_file(tmp_path("stderr"), &len);
+	char *msg = assert_read_file(tmp_path("stderr"), &len);
 	assert_non_null(strstr(msg, "hidden_size"));
 	free(msg);
 }

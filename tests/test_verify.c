@@ -8,7 +8,6 @@
 #include <cmocka.h>
 
 #include <fcntl.h>
-#include <ftw.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,81 +17,13 @@
 #include <unistd.h>
 
 #include "safetensors.h"
+#include "support/test_support.h"
 
 /* ---- helpers ---- */
 
-static const char *bin_dir(void)
-{
-	const char *b = getenv("DSV3_BIN");
-	return b ? b : "build/bin";
-}
-
-static int __attribute__((format(printf, 1, 2))) run(const char *fmt, ...)
-{
-	char cmd[8192];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof cmd, fmt, ap);
-	va_end(ap);
-	int rc = system(cmd);
-	return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
 static int make_tmp(void **state)
 {
-	char *dir = strdup("/tmp/dsv3-test-verify-XXXXXX");
-	if (!dir || !mkdtemp(dir))
-		return -1;
-	*state = dir;
-	return 0;
-}
-
-static int remove_tmp(void **state)
-{
-	nftw(*state, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-	free(*state);
-	return 0;
-}
-
-static char *path_in(const char *dir, const char *name)
-{
-	static char buf[4][8192];
-	static int k;
-	k = (k + 1) % 4;
-	snprintf(buf[k], sizeof buf[k], "%s/%s", dir, name);
-	return buf[k];
-}
-
-static char *slurp(const char *path)
-{
-	FILE *f = fopen(path, "rb");
-	if (!f)
-		return NULL;
-	fseek(f, 0, SEEK_END);
-	long n = ftell(f);
-	fseek(f, 0, SEEK_SET);
-	char *s = malloc((size_t)n + 1);
-	assert_non_null(s);
-	assert_int_equal(fread(s, 1, (size_t)n, f), (size_t)n);
-	s[n] = '\0';
-	fclose(f);
-	return s;
-}
-
-static int file_contains(const char *path, const char *needle)
-{
-	char *s = slurp(path);
-	int found = s && strstr(s, needle);
-	free(s);
-	return found;
+	return tmp_dir_setup(state, "verify");
 }
 
 /* stderr of the last verify run, in the test's directory */
@@ -103,15 +34,15 @@ static const char *err_path(const char *tmp)
 
 static int verify(const char *tmp, const char *cmd, const char *dir)
 {
-	return run("%s/dsv3-verify %s %s >%s 2>%s", bin_dir(), cmd, dir, path_in(tmp, "stdout"),
+	return run_shell("%s/dsv3-verify %s %s >%s 2>%s", bin_dir(), cmd, dir, path_in(tmp, "stdout"),
 		   err_path(tmp));
 }
 
 static void synth(const char *preset, const char *dir, int files)
 {
-	assert_int_equal(run("%s/dsv3-synth --preset %s --seed 1 --files %d --out %s >/dev/null",
-			     bin_dir(), preset, files, dir),
-			 0);
+	char args[32];
+	snprintf(args, sizeof args, "--files %d", files);
+	assert_int_equal(run_synth(preset, 1, args, dir), 0);
 }
 
 static int config_experts(const char *dir)
@@ -126,7 +57,7 @@ static int config_experts(const char *dir)
 
 static void convert(const char *in, const char *out, int mp)
 {
-	assert_int_equal(run("%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts %d "
+	assert_int_equal(run_shell("%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts %d "
 			     "--model-parallel %d 2>/dev/null",
 			     bin_dir(), in, out, config_experts(in), mp),
 			 0);
@@ -263,7 +194,7 @@ static void test_verify_ckpt_ok_on_synth_and_conversions(void **state)
 		convert(in, mp, 2);
 		assert_int_equal(verify(tmp, "ckpt", mp), 0);
 		assert_true(file_contains(path_in(tmp, "stdout"), "converted layout"));
-		assert_int_equal(run("rm -rf %s", mp), 0);
+		assert_int_equal(run_shell("rm -rf %s", mp), 0);
 		free(in);
 		free(mp);
 	}
@@ -349,7 +280,7 @@ static void test_verify_ckpt_names_unexpected_tensor(void **state)
 	const char *tmp = *state;
 	char *dir = strdup(path_in(tmp, "v2"));
 	synth("tiny-v2", dir, 1);
-	assert_int_equal(run("%s/dsv3-synth --preset tiny --seed 1 --files 1 --out %s/fp8 >/dev/null "
+	assert_int_equal(run_shell("%s/dsv3-synth --preset tiny --seed 1 --files 1 --out %s/fp8 >/dev/null "
 			     "&& cp %s/fp8/model-00001-of-00001.safetensors %s/extra.safetensors",
 			     bin_dir(), tmp, tmp, dir),
 			 0);
@@ -362,34 +293,29 @@ static void test_verify_ckpt_names_unexpected_tensor(void **state)
 static void test_verify_usage_help_version(void **state)
 {
 	(void)state;
-	assert_int_equal(run("%s/dsv3-verify --help >/dev/null", bin_dir()), 0);
-	assert_int_equal(run("%s/dsv3-verify checksums --help >/dev/null", bin_dir()), 0);
-	assert_int_equal(run("%s/dsv3-verify ckpt --help >/dev/null", bin_dir()), 0);
-	assert_int_equal(run("%s/dsv3-verify --version | grep -q '^dsv3-verify '", bin_dir()), 0);
-	assert_int_equal(run("%s/dsv3-verify 2>/dev/null", bin_dir()), 1);
-	assert_int_equal(run("%s/dsv3-verify nonsense x 2>/dev/null", bin_dir()), 1);
-	assert_int_equal(run("%s/dsv3-verify checksums 2>/dev/null", bin_dir()), 1);
-	assert_int_equal(run("%s/dsv3-verify ckpt a b 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run_shell("%s/dsv3-verify --help >/dev/null", bin_dir()), 0);
+	assert_int_equal(run_shell("%s/dsv3-verify checksums --help >/dev/null", bin_dir()), 0);
+	assert_int_equal(run_shell("%s/dsv3-verify ckpt --help >/dev/null", bin_dir()), 0);
+	assert_int_equal(run_shell("%s/dsv3-verify --version | grep -q '^dsv3-verify '", bin_dir()), 0);
+	assert_int_equal(run_shell("%s/dsv3-verify 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run_shell("%s/dsv3-verify nonsense x 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run_shell("%s/dsv3-verify checksums 2>/dev/null", bin_dir()), 1);
+	assert_int_equal(run_shell("%s/dsv3-verify ckpt a b 2>/dev/null", bin_dir()), 1);
 }
+
+#define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, tmp_dir_teardown)
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test_setup_teardown(test_verify_checksums_ok_on_synth, make_tmp, remove_tmp),
-		cmocka_unit_test_setup_teardown(test_verify_checksums_names_flipped_tensor, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_verify_checksums_names_deleted_file, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_verify_checksums_converted_mp2, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_verify_checksums_converted_replica_differs,
-						make_tmp, remove_tmp),
-		cmocka_unit_test_setup_teardown(test_verify_ckpt_ok_on_synth_and_conversions, make_tmp,
-						remove_tmp),
-		cmocka_unit_test_setup_teardown(test_verify_ckpt_names_each_structural_problem,
-						make_tmp, remove_tmp),
-		cmocka_unit_test_setup_teardown(test_verify_ckpt_names_unexpected_tensor, make_tmp,
-						remove_tmp),
+		T(test_verify_checksums_ok_on_synth),
+		T(test_verify_checksums_names_flipped_tensor),
+		T(test_verify_checksums_names_deleted_file),
+		T(test_verify_checksums_converted_mp2),
+		T(test_verify_checksums_converted_replica_differs),
+		T(test_verify_ckpt_ok_on_synth_and_conversions),
+		T(test_verify_ckpt_names_each_structural_problem),
+		T(test_verify_ckpt_names_unexpected_tensor),
 		cmocka_unit_test(test_verify_usage_help_version),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
