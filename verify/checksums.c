@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cli.h"
 #include "convert_names.h"
 #include "manifest.h"
 #include "sha256.h"
@@ -478,7 +479,13 @@ static int parse_args(int argc, char **argv, const char **dir, int *threads, int
 			*done = 1;
 			return 0;
 		}
-		if (c != 't' || parse_threads(optarg, threads)) {
+		if (c != 't') {
+			usage(stderr);
+			return DSV3_EUSAGE;
+		}
+		dsv3_error err = { 0 };
+		if (cli_parse_int(optarg, "--threads", 1, 4096, threads, &err)) {
+			dsv3_report(VERIFY_PROG " checksums", &err);
 			usage(stderr);
 			return DSV3_EUSAGE;
 		}

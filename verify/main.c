@@ -3,9 +3,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "cli.h"
 #include "error.h"
 #include "verify.h"
-#include "version.h"
 
 typedef struct {
 	const char *name;
@@ -44,7 +44,7 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	if (!strcmp(cmd, "--version") || !strcmp(cmd, "-V")) {
-		printf(VERIFY_PROG " " DSV3_VERSION "\n");
+		cli_print_version(VERIFY_PROG);
 		return 0;
 	}
 	for (size_t i = 0; i < N_COMMANDS; i++)

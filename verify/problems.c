@@ -61,13 +61,3 @@ void shape_text(int ndim, const int64_t *shape, char *buf, size_t len)
 	if (o < len)
 		snprintf(buf + o, len - o, "]");
 }
-
-int parse_threads(const char *s, int *out)
-{
-	char *end;
-	long v = strtol(s, &end, 10);
-	if (*s == '\0' || *end != '\0' || v < 1 || v > 4096)
-		return -1;
-	*out = (int)v;
-	return 0;
-}

@@ -4,9 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli.h"
 #include "error.h"
 #include "fp8_cast.h"
-#include "version.h"
 
 #define PROG "dsv3-fp8-to-bf16"
 
@@ -31,16 +31,6 @@ static void usage(FILE *f)
 		"Exit: 0 done, 1 usage error, 2 bad input data, 3 I/O failure.\n");
 }
 
-static int parse_threads(const char *s, int *out)
-{
-	char *end;
-	long v = strtol(s, &end, 10);
-	if (*s == '\0' || *end != '\0' || v < 1 || v > 4096)
-		return -1;
-	*out = (int)v;
-	return 0;
-}
-
 static int parse_args(int argc, char **argv, fp8_cast_options *opt, int *done)
 {
 	static const struct option longopts[] = {
@@ -51,6 +41,7 @@ static int parse_args(int argc, char **argv, fp8_cast_options *opt, int *done)
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
+	dsv3_error err = { 0 };
 	int c;
 	*done = 0;
 	while ((c = getopt_long(argc, argv, "i:o:t:hV", longopts, NULL)) != -1) {
@@ -58,21 +49,16 @@ static int parse_args(int argc, char **argv, fp8_cast_options *opt, int *done)
 		case 'i': opt->in_dir = optarg; break;
 		case 'o': opt->out_dir = optarg; break;
 		case 't':
-			if (parse_threads(optarg, &opt->threads)) {
-				fprintf(stderr, PROG ": --threads needs a positive integer, got '%s'\n",
-					optarg);
-				return DSV3_EUSAGE;
-			}
+			if (cli_parse_int(optarg, "--threads", 1, 4096, &opt->threads, &err))
+				return dsv3_report(PROG, &err);
 			break;
 		case 'h': usage(stdout); *done = 1; return 0;
-		case 'V': printf(PROG " " DSV3_VERSION "\n"); *done = 1; return 0;
+		case 'V': cli_print_version(PROG); *done = 1; return 0;
 		default: usage(stderr); return DSV3_EUSAGE;
 		}
 	}
-	if (optind < argc) {
-		fprintf(stderr, PROG ": unexpected argument '%s'\n", argv[optind]);
-		return DSV3_EUSAGE;
-	}
+	if (cli_no_operands(argc, argv, &err))
+		return dsv3_report(PROG, &err);
 	if (!opt->in_dir || !opt->out_dir) {
 		fprintf(stderr, PROG ": --input-fp8-hf-path and --output-bf16-hf-path are required\n");
 		usage(stderr);

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "cli.h"
 #include "config.h"
 #include "convert_names.h"
 #include "error.h"
@@ -18,7 +19,6 @@
 #include "manifest.h"
 #include "mp_shards.h"
 #include "out_dir.h"
-#include "version.h"
 
 #define PROG "dsv3-shard"
 
@@ -43,14 +43,10 @@ static void usage(FILE *f)
 		"  --help, --version\n");
 }
 
+/* Any int: the ranges are checked together once every flag is read. */
 static int parse_int(const char *s, const char *flag, int *v, dsv3_error *err)
 {
-	char *end;
-	long x = strtol(s, &end, 10);
-	if (!*s || *end || x < INT_MIN || x > INT_MAX)
-		return dsv3_fail(err, DSV3_EUSAGE, "%s: not an integer: \"%s\"", flag, s);
-	*v = (int)x;
-	return 0;
+	return cli_parse_int(s, flag, INT_MIN, INT_MAX, v, err);
 }
 
 /* 0: run; -1: --help/--version printed; DSV3_EUSAGE otherwise. */
@@ -82,17 +78,14 @@ static int parse_args(int argc, char **argv, shard_args *a, dsv3_error *err)
 			break;
 		case 't': rc = parse_int(optarg, "--threads", &a->threads, err); break;
 		case 'h': usage(stdout); return -1;
-		case 'V': printf(PROG " " DSV3_VERSION "\n"); return -1;
-		default:
-			return dsv3_fail(err, DSV3_EUSAGE,
-					 "unknown option or missing value: %s (see --help)",
-					 argv[optind - 1]);
+		case 'V': cli_print_version(PROG); return -1;
+		default: return cli_bad_option(argv, err);
 		}
 	}
+	if (!rc)
+		rc = cli_no_operands(argc, argv, err);
 	if (rc)
 		return rc;
-	if (optind < argc)
-		return dsv3_fail(err, DSV3_EUSAGE, "unexpected argument \"%s\"", argv[optind]);
 	if (!a->in || !a->out || a->mp == -1)
 		return dsv3_fail(err, DSV3_EUSAGE,
 				 "--input, --save-path and --model-parallel are required (see --help)");

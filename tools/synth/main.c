@@ -8,12 +8,12 @@
 #include <string.h>
 
 #include "checkpoint.h"
+#include "cli.h"
 #include "config.h"
 #include "error.h"
 #include "model_layout.h"
 #include "plan.h"
 #include "presets.h"
-#include "version.h"
 
 #define PROG "dsv3-synth"
 
@@ -50,17 +50,6 @@ static void usage(FILE *f)
 		fprintf(f, "  %s\n", synth_preset_help[i]);
 }
 
-static int parse_int(const char *s, const char *opt, int min, int *out, dsv3_error *err)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < min || v > 1000000)
-		return dsv3_fail(err, DSV3_EUSAGE, "%s: bad value \"%s\"", opt, s);
-	*out = (int)v;
-	return 0;
-}
-
 static int parse_seed(const char *s, uint64_t *out, dsv3_error *err)
 {
 	char *end;
@@ -92,22 +81,20 @@ static int parse_args(int argc, char **argv, synth_args *a, dsv3_error *err)
 		case 'c': a->config_path = optarg; break;
 		case 's': a->seed_text = optarg; rc = parse_seed(optarg, &a->seed, err); break;
 		case 'o': a->out = optarg; break;
-		case 'f': rc = parse_int(optarg, "--files", 1, &a->files, err); break;
+		case 'f': rc = cli_parse_int(optarg, "--files", 1, 1000000, &a->files, err); break;
 		case 'd': a->dtype = optarg; break;
 		case 'm': a->mtp = 1; break;
 		case 't': a->tokenizer_dir = optarg; break;
-		case 'j': rc = parse_int(optarg, "--threads", 1, &a->threads, err); break;
+		case 'j': rc = cli_parse_int(optarg, "--threads", 1, 1000000, &a->threads, err); break;
 		case 'h': usage(stdout); return -1;
-		case 'V': printf(PROG " " DSV3_VERSION "\n"); return -1;
-		default:
-			return dsv3_fail(err, DSV3_EUSAGE, "unknown option \"%s\" (see --help)",
-					 argv[optind - 1]);
+		case 'V': cli_print_version(PROG); return -1;
+		default: return cli_bad_option(argv, err);
 		}
 	}
+	if (!rc)
+		rc = cli_no_operands(argc, argv, err);
 	if (rc)
 		return rc;
-	if (optind < argc)
-		return dsv3_fail(err, DSV3_EUSAGE, "unexpected argument \"%s\"", argv[optind]);
 	if (!a->preset == !a->config_path)
 		return dsv3_fail(err, DSV3_EUSAGE, "give exactly one of --preset and --config");
 	if (!a->seed_text || !a->out)
