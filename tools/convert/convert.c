@@ -13,9 +13,8 @@
 #include "convert_names.h"
 #include "error.h"
 #include "hf_ckpt.h"
-#include "manifest.h"
+#include "mp_checkpoint.h"
 #include "mp_shards.h"
-#include "out_dir.h"
 
 #define PROG "dsv3-convert"
 
@@ -207,30 +206,6 @@ static double now_seconds(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Writes everything under temporary names and renames it into place only at the end. */
-static int write_output(const convert_args *a, const convert_plan *p, mp_stats *stats,
-			size_t *n_small, dsv3_error *err)
-{
-	out_dir o;
-	manifest m;
-	manifest_init(&m);
-	int rc = out_dir_open(&o, a->out, err);
-	if (rc) {
-		manifest_free(&m);
-		return rc;
-	}
-	rc = mp_copy_small_files(a->in, &o, &m, n_small, err);
-	if (!rc)
-		rc = mp_write(p->t, p->n, a->mp, a->n_experts, a->threads, &o, &m, stats, err);
-	if (!rc)
-		rc = manifest_write(&m, &o, err);
-	if (!rc)
-		rc = out_dir_commit(&o, err);
-	out_dir_close(&o);
-	manifest_free(&m);
-	return rc;
-}
-
 static int load_config(const char *in, dsv3_config *cfg, dsv3_error *err)
 {
 	char path[4096];
@@ -262,7 +237,8 @@ int main(int argc, char **argv)
 	size_t n_small = 0;
 	rc = plan_convert(&c, &cfg, &a, &p, &err);
 	if (!rc)
-		rc = write_output(&a, &p, &stats, &n_small, &err);
+		rc = mp_write_checkpoint(a.in, a.out, p.t, p.n, a.mp, a.n_experts, a.threads,
+					 &stats, &n_small, &err);
 	plan_free(&p);
 	hf_ckpt_close(&c);
 	if (rc)

@@ -17,8 +17,8 @@
 #include "error.h"
 #include "hf_ckpt.h"
 #include "manifest.h"
+#include "mp_checkpoint.h"
 #include "mp_shards.h"
-#include "out_dir.h"
 
 #define PROG "dsv3-shard"
 
@@ -423,29 +423,6 @@ static int plan_shard(const shard_args *a, const rank_files *rf, shard_plan *p, 
 
 /* ---- writing ------------------------------------------------------------------------------ */
 
-static int write_output(const shard_args *a, const shard_plan *p, int n_experts, mp_stats *stats,
-			size_t *n_small, dsv3_error *err)
-{
-	out_dir o;
-	manifest m;
-	manifest_init(&m);
-	int rc = out_dir_open(&o, a->out, err);
-	if (rc) {
-		manifest_free(&m);
-		return rc;
-	}
-	rc = mp_copy_small_files(a->in, &o, &m, n_small, err);
-	if (!rc)
-		rc = mp_write(p->t, p->n, a->mp, n_experts, a->threads, &o, &m, stats, err);
-	if (!rc)
-		rc = manifest_write(&m, &o, err);
-	if (!rc)
-		rc = out_dir_commit(&o, err);
-	out_dir_close(&o);
-	manifest_free(&m);
-	return rc;
-}
-
 static double now_seconds(void)
 {
 	struct timespec ts;
@@ -472,7 +449,8 @@ int main(int argc, char **argv)
 	size_t n_small = 0;
 	rc = plan_shard(&a, &rf, &p, &n_experts, &err);
 	if (!rc)
-		rc = write_output(&a, &p, n_experts, &stats, &n_small, &err);
+		rc = mp_write_checkpoint(a.in, a.out, p.t, p.n, a.mp, n_experts, a.threads, &stats,
+					 &n_small, &err);
 	plan_free(&p);
 	rank_files_close(&rf);
 	if (rc)
