@@ -294,3 +294,15 @@ void out_dir_close(out_dir *o)
 	free(o->dir);
 	memset(o, 0, sizeof *o);
 }
+
+int out_dir_refuse_input(const char *dir, const char *input, dsv3_error *err)
+{
+	struct stat a, b;
+	if (stat(dir, &a) != 0 || stat(input, &b) != 0)
+		return 0; /* an output that does not exist yet cannot be the input */
+	if (a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+		return dsv3_fail(err, DSV3_EUSAGE,
+				 "output directory %s is the input directory %s: choose another",
+				 dir, input);
+	return 0;
+}

@@ -15,6 +15,9 @@ typedef struct {
 	size_t n, cap;
 } out_dir;
 
+/* DSV3_EUSAGE when `dir` is the directory `input` (any spelling: same device and inode), so a
+ * tool never writes its output, manifests included, over the checkpoint it reads. */
+int out_dir_refuse_input(const char *dir, const char *input, dsv3_error *err);
 /* Creates `dir` (and parents) if needed and removes temporaries a killed run left there. */
 int out_dir_open(out_dir *o, const char *dir, dsv3_error *err);
 /* Registers file `name` (a base name) and returns the temporary path to write it to (owned by o). */

@@ -489,6 +489,22 @@ static void test_convert_refuses_indivisible_split(void **state)
 		       "tensor layers.0.attn.wo.scale: scale block count 4 (dim 1) is not divisible by 8");
 }
 
+/* Converting into the input directory would replace the input's SHA256SUMS, tensors.sha256.json
+ * and config.json: refused as a usage error (another spelling of the path included), the
+ * input's files untouched. */
+static void test_convert_refuses_output_in_input_dir(void **state)
+{
+	fixture *fx = *state;
+	const char *in = out_path(fx, "same-in");
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s && cp %s/SHA256SUMS %s.sums", fx->tiny, in, in,
+				   in), 0);
+	int rc = run_quiet(NULL, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s/. --n-experts 16 "
+			   "--model-parallel 2", bin_dir(), in, in);
+	assert_int_equal(rc, 1);
+	assert_int_equal(run_quiet(NULL, "cmp %s/SHA256SUMS %s.sums && cd %s && sha256sum -c --quiet "
+				   "SHA256SUMS && ! ls model0-mp2.safetensors", in, in, in), 0);
+}
+
 /* Writes one extra BF16 tensor `name` into DIR/extra.safetensors. */
 static void add_tensor_file(const char *dir, const char *name)
 {
@@ -648,6 +664,7 @@ int main(void)
 		cmocka_unit_test(test_convert_refuses_duplicate_converted_names),
 		cmocka_unit_test(test_convert_refuses_missing_indexed_file),
 		cmocka_unit_test(test_convert_refuses_missing_config),
+		cmocka_unit_test(test_convert_refuses_output_in_input_dir),
 		cmocka_unit_test(test_convert_usage_errors_exit_1),
 		cmocka_unit_test(test_convert_killed_mid_write_leaves_no_final_file),
 	};

@@ -160,6 +160,19 @@ static void test_shard_refuses_indivisible_split(void **state)
 	assert_refused(fx, fx->conv[2], 8, "layers.0.attn.wo.scale");
 }
 
+/* Resharding into the input directory would overwrite its manifests and mix rank counts. */
+static void test_shard_refuses_output_in_input_dir(void **state)
+{
+	fixture *fx = *state;
+	const char *in = fresh_path(fx->root, "same");
+	assert_int_equal(run_quiet(NULL, "cp -r %s %s", fx->conv[2], in), 0);
+	int rc = run_quiet(NULL, "%s/dsv3-shard --input %s --save-path %s/../same --model-parallel 2",
+			   bin_dir(), in, in);
+	assert_int_equal(rc, 1);
+	assert_int_equal(run_quiet(NULL, "cd %s && sha256sum -c --quiet SHA256SUMS && "
+				   "! ls model0-mp2.safetensors", in), 0);
+}
+
 static void test_shard_refuses_missing_rank_file(void **state)
 {
 	fixture *fx = *state;
@@ -239,6 +252,7 @@ int main(void)
 		cmocka_unit_test(test_shard_refuses_experts_not_divisible),
 		cmocka_unit_test(test_shard_refuses_indivisible_split),
 		cmocka_unit_test(test_shard_refuses_missing_rank_file),
+		cmocka_unit_test(test_shard_refuses_output_in_input_dir),
 		cmocka_unit_test(test_shard_refuses_differing_replicated_copies),
 		cmocka_unit_test(test_shard_refuses_bytes_not_matching_manifest),
 		cmocka_unit_test(test_shard_usage_errors_exit_1),

@@ -12,6 +12,7 @@
 #include "config.h"
 #include "convert_names.h"
 #include "error.h"
+#include "out_dir.h"
 #include "hf_ckpt.h"
 #include "mp_checkpoint.h"
 #include "mp_shards.h"
@@ -224,6 +225,8 @@ int main(int argc, char **argv)
 	if (rc < 0)
 		return 0;
 	if (rc)
+		return dsv3_report(PROG, &err);
+	if (out_dir_refuse_input(a.out, a.in, &err))
 		return dsv3_report(PROG, &err);
 	double start = now_seconds();
 	dsv3_config cfg;
