@@ -24,6 +24,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -689,17 +690,121 @@ int st_header_json(const st_spec *specs, size_t n, const char *const *metadata, 
 
 /* Writer: the file ------------------------------------------------------------------------ */
 
+/* The file's SHA-256 runs on a thread of its own, beside the write() calls of the caller's
+ * thread: hashing costs about as much CPU as copying into the page cache, and a write blocked
+ * by dirty-page throttling no longer stalls it. The hasher takes one job at a time, in order.
+ * Small pieces gather in one of two buffers; a full buffer is hashed while the other fills.
+ * Large pieces are hashed and written in place, and st_writer_write returns only once the
+ * hasher is done with them, so a caller may reuse its memory at once. */
+typedef struct {
+	pthread_t thread;
+	int started;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	sha256_ctx *sha;
+	const void *job; /* bytes to hash, or NULL when idle */
+	size_t job_len;
+	int quit;
+} file_hasher;
+
 struct st_writer {
 	int fd;
 	int created; /* the file is ours to unlink on abort */
 	char *path;
 	const st_spec *specs;
 	const st_spec **sorted; /* layout order */
-	sha256_ctx *sha;
-	uint8_t *buf;
+	file_hasher hasher;
+	uint8_t *bufs[2];
+	int cur;     /* the buffer being filled */
 	size_t buf_len;
 	uint64_t data_size, written;
 };
+
+static void *hasher_main(void *arg)
+{
+	file_hasher *h = arg;
+	pthread_mutex_lock(&h->lock);
+	for (;;) {
+		while (!h->job && !h->quit)
+			pthread_cond_wait(&h->cond, &h->lock);
+		if (!h->job)
+			break;
+		const void *p = h->job;
+		size_t len = h->job_len;
+		pthread_mutex_unlock(&h->lock);
+		sha256_update(h->sha, p, len);
+		pthread_mutex_lock(&h->lock);
+		h->job = NULL;
+		pthread_cond_broadcast(&h->cond);
+	}
+	pthread_mutex_unlock(&h->lock);
+	return NULL;
+}
+
+static int hasher_start(file_hasher *h)
+{
+	h->sha = sha256_new();
+	if (!h->sha)
+		return -1;
+	if (pthread_mutex_init(&h->lock, NULL))
+		return -1;
+	if (pthread_cond_init(&h->cond, NULL)) {
+		pthread_mutex_destroy(&h->lock);
+		return -1;
+	}
+	h->started = 1;
+	if (pthread_create(&h->thread, NULL, hasher_main, h)) {
+		h->started = -1; /* lock and cond exist, no thread */
+		return -1;
+	}
+	return 0;
+}
+
+static void hasher_wait_locked(file_hasher *h)
+{
+	while (h->job)
+		pthread_cond_wait(&h->cond, &h->lock);
+}
+
+/* Waits for the previous job, then queues [p, p+len). */
+static void hasher_submit(file_hasher *h, const void *p, size_t len)
+{
+	if (!len)
+		return;
+	pthread_mutex_lock(&h->lock);
+	hasher_wait_locked(h);
+	h->job = p;
+	h->job_len = len;
+	pthread_cond_broadcast(&h->cond);
+	pthread_mutex_unlock(&h->lock);
+}
+
+static void hasher_wait(file_hasher *h)
+{
+	pthread_mutex_lock(&h->lock);
+	hasher_wait_locked(h);
+	pthread_mutex_unlock(&h->lock);
+}
+
+/* Finishes the queued job and joins the thread. */
+static void hasher_stop(file_hasher *h)
+{
+	if (h->started == 1) {
+		pthread_mutex_lock(&h->lock);
+		hasher_wait_locked(h);
+		h->quit = 1;
+		pthread_cond_broadcast(&h->cond);
+		pthread_mutex_unlock(&h->lock);
+		pthread_join(h->thread, NULL);
+	}
+	if (h->started) {
+		pthread_cond_destroy(&h->cond);
+		pthread_mutex_destroy(&h->lock);
+	}
+	h->started = 0;
+	sha256_free(h->sha);
+	h->sha = NULL;
+}
 
 static int write_all(st_writer *w, const void *p, size_t len, dsv3_error *err)
 {
@@ -718,35 +823,44 @@ static int write_all(st_writer *w, const void *p, size_t len, dsv3_error *err)
 	return 0;
 }
 
+/* Hands the filled buffer to the hasher, writes it, and switches to the other buffer (whose
+ * hashing hasher_submit has seen finish). */
 static int flush_buf(st_writer *w, dsv3_error *err)
 {
-	int rc = write_all(w, w->buf, w->buf_len, err);
+	uint8_t *b = w->bufs[w->cur];
+	size_t len = w->buf_len;
+	hasher_submit(&w->hasher, b, len);
+	w->cur ^= 1;
 	w->buf_len = 0;
-	return rc;
+	return write_all(w, b, len, err);
 }
 
-/* Buffers small pieces; large ones go straight to the file. Hashes everything that passes. */
+/* Buffers small pieces; large ones are hashed and written in place. */
 static int put_bytes(st_writer *w, const void *p, size_t len, dsv3_error *err)
 {
-	sha256_update(w->sha, p, len);
 	if (w->buf_len + len > ST_WRITE_BUF) {
 		int rc = flush_buf(w, err);
 		if (rc)
 			return rc;
-		if (len >= ST_WRITE_BUF / 2)
-			return write_all(w, p, len, err);
+		if (len >= ST_WRITE_BUF / 2) {
+			hasher_submit(&w->hasher, p, len);
+			rc = write_all(w, p, len, err);
+			hasher_wait(&w->hasher);
+			return rc;
+		}
 	}
-	memcpy(w->buf + w->buf_len, p, len);
+	memcpy(w->bufs[w->cur] + w->buf_len, p, len);
 	w->buf_len += len;
 	return 0;
 }
 
 static void writer_free(st_writer *w)
 {
+	hasher_stop(&w->hasher); /* before the buffers it may be reading go */
 	if (w->fd >= 0)
 		close(w->fd);
-	sha256_free(w->sha);
-	free(w->buf);
+	free(w->bufs[0]);
+	free(w->bufs[1]);
 	free(w->sorted);
 	free(w->path);
 	free(w);
@@ -755,10 +869,12 @@ static void writer_free(st_writer *w)
 static int writer_start(st_writer *w, const char *path, const strbuf *hdr, dsv3_error *err)
 {
 	w->path = strdup(path);
-	w->sha = sha256_new();
-	w->buf = malloc(ST_WRITE_BUF);
-	if (!w->path || !w->sha || !w->buf)
+	w->bufs[0] = malloc(ST_WRITE_BUF);
+	w->bufs[1] = malloc(ST_WRITE_BUF);
+	if (!w->path || !w->bufs[0] || !w->bufs[1])
 		return out_of_memory(err, path);
+	if (hasher_start(&w->hasher))
+		return dsv3_fail(err, DSV3_EIO, "%s: cannot start the hashing thread", path);
 	w->fd = open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
 	if (w->fd < 0)
 		return dsv3_fail_errno(err, "%s: create", path);
@@ -814,6 +930,7 @@ int st_writer_finish(st_writer *w, uint8_t sha256[32], dsv3_error *err)
 		return bad_file(err, w->path, "only %" PRIu64 " of the %" PRIu64
 				" data bytes were written", w->written, w->data_size);
 	int rc = flush_buf(w, err);
+	hasher_wait(&w->hasher);
 	if (rc)
 		return rc;
 	if (fsync(w->fd) != 0)
@@ -823,7 +940,7 @@ int st_writer_finish(st_writer *w, uint8_t sha256[32], dsv3_error *err)
 	if (close(fd) != 0)
 		return dsv3_fail_errno(err, "%s: close", w->path);
 	uint8_t digest[32];
-	sha256_final(w->sha, digest);
+	sha256_final(w->hasher.sha, digest);
 	if (sha256)
 		memcpy(sha256, digest, 32);
 	writer_free(w);
