@@ -6,11 +6,13 @@
  * n_pieces equal parts along D (the ranks of an earlier split): step d of D lives in piece
  * d/(D/n_pieces). Tensors without a split dim (and routed experts) are one step of D.
  *
- * Work: one task per rank file, each writing its tensors in the file's layout order. Logical
- * hashes need each whole tensor once: they sit in one queue in the same global layout order and
- * writers take the items they have already passed, so all tasks move through the inputs
- * together and a page read from disk serves every task while it is still cached. Threads beyond
- * the number of ranks only hash. Input pages are dropped every RELEASE_EVERY bytes. */
+ * Work: one task per rank file, each writing its tensors in the file's layout order (st_writer
+ * hashes the file on a thread of its own). Logical hashes need each whole tensor once: they sit
+ * in one queue in the same global layout order and as many hashing threads as concurrent writers
+ * take the items some writer has reached, so all threads move through the inputs together and a
+ * page read from disk serves every one while it is still cached. The hashers run beside the
+ * writers rather than inside them: a writer busy hashing a 2 GB embedding would leave the disk
+ * idle. Input pages are dropped every RELEASE_EVERY bytes. */
 #include "mp_shards.h"
 
 #include <fcntl.h>
@@ -240,9 +242,12 @@ typedef struct {
 	size_t *order; /* global layout order: dtype rank descending, then name */
 	size_t *gpos;  /* gpos[order[k]] == k */
 	atomic_size_t next_hash;
-	double hash_per_written; /* logical bytes / bytes written, over the whole job */
+	size_t n_hashers; /* tasks [0, n_hashers) hash, the next mp tasks write ranks */
+	size_t reached;	  /* furthest global layout position a writer has started, + 1 */
+	int writers_left; /* rank tasks not yet finished */
+	pthread_cond_t progress_cond; /* reached or writers_left changed, or stop */
 	atomic_int stop;
-	pthread_mutex_t lock; /* progress and first_err */
+	pthread_mutex_t lock; /* progress, first_err, reached, writers_left */
 	progress bar;
 	dsv3_error first_err;
 } write_job;
@@ -254,6 +259,7 @@ static void job_fail(write_job *j, const dsv3_error *err)
 	if (!j->first_err.code)
 		j->first_err = *err;
 	atomic_store(&j->stop, 1);
+	pthread_cond_broadcast(&j->progress_cond);
 	pthread_mutex_unlock(&j->lock);
 }
 
@@ -317,24 +323,58 @@ static int hash_tensor(write_job *j, size_t i, sha256_ctx *sha, dsv3_error *err)
 	return rc;
 }
 
-/* Hashes queued tensors up to global layout position `upto` (all: SIZE_MAX) while *budget
- * (bytes; NULL: no limit) lasts. */
-static int hash_queue(write_job *j, size_t upto, int64_t *budget, sha256_ctx *sha,
-		      dsv3_error *err)
+/* Hashes queued tensors below global layout position `upto` (all: SIZE_MAX); 0 when none is
+ * left there. */
+static int hash_queue(write_job *j, size_t upto, sha256_ctx *sha, dsv3_error *err)
 {
-	while (!budget || *budget > 0) {
+	for (;;) {
 		size_t k = atomic_load(&j->next_hash);
-		if (k >= j->n || k > upto || atomic_load(&j->stop))
+		if (k >= j->n || k >= upto || atomic_load(&j->stop))
 			return 0;
 		if (!atomic_compare_exchange_weak(&j->next_hash, &k, k + 1))
 			continue;
 		int rc = hash_tensor(j, j->order[k], sha, err);
 		if (rc)
 			return rc;
-		if (budget)
-			*budget -= (int64_t)tensor_bytes(&j->t[j->order[k]]);
 	}
-	return 0;
+}
+
+/* A writer is about to read the tensor at global layout position k: hashers may follow. */
+static void note_reached(write_job *j, size_t k)
+{
+	pthread_mutex_lock(&j->lock);
+	if (k + 1 > j->reached) {
+		j->reached = k + 1;
+		pthread_cond_broadcast(&j->progress_cond);
+	}
+	pthread_mutex_unlock(&j->lock);
+}
+
+static void note_writer_done(write_job *j)
+{
+	pthread_mutex_lock(&j->lock);
+	j->writers_left--;
+	pthread_cond_broadcast(&j->progress_cond);
+	pthread_mutex_unlock(&j->lock);
+}
+
+/* A hashing task: takes what the writers have reached, waiting for them, until the queue is
+ * empty (once every writer is done, whatever is left). */
+static int hash_behind_writers(write_job *j, sha256_ctx *sha, dsv3_error *err)
+{
+	for (;;) {
+		pthread_mutex_lock(&j->lock);
+		while (j->writers_left > 0 && atomic_load(&j->next_hash) >= j->reached &&
+		       atomic_load(&j->next_hash) < j->n && !atomic_load(&j->stop))
+			pthread_cond_wait(&j->progress_cond, &j->lock);
+		size_t upto = j->writers_left > 0 ? j->reached : SIZE_MAX;
+		pthread_mutex_unlock(&j->lock);
+		if (atomic_load(&j->next_hash) >= j->n || atomic_load(&j->stop))
+			return 0;
+		int rc = hash_queue(j, upto, sha, err);
+		if (rc)
+			return rc;
+	}
 }
 
 /* ---- rank files --------------------------------------------------------------------------- */
@@ -400,20 +440,16 @@ static int rank_specs(const write_job *j, int r, st_spec **specs, size_t **index
 }
 
 static int write_rank_tensors(write_job *j, int r, st_writer *w, const size_t *index, size_t n,
-			      sha256_ctx *sha, dsv3_error *err)
+			      dsv3_error *err)
 {
 	rank_sink_ctx c = { j, w, open(j->tmp_paths[r], O_WRONLY | O_CLOEXEC), 0, 0, 0 };
-	int64_t budget = 0; /* hash about as much as this task writes, so that hashing spreads
-			     * over the whole run when there are more ranks than threads */
 	int rc = 0;
 	for (size_t pos = 0; pos < n && !rc; pos++) {
 		size_t i = index[st_writer_order(w, pos)];
-		uint64_t a, b, before = c.written;
+		uint64_t a, b;
 		rank_slice(&j->t[i], r, j->mp, j->n_experts, &a, &b);
+		note_reached(j, j->gpos[i]);
 		rc = walk_slice(&j->t[i], a, b, rank_sink, &c, &j->stop, err);
-		budget += (int64_t)((double)(c.written - before) * j->hash_per_written);
-		if (!rc)
-			rc = hash_queue(j, j->gpos[i], &budget, sha, err);
 	}
 	pthread_mutex_lock(&j->lock);
 	progress_add(&j->bar, c.unreported);
@@ -432,19 +468,20 @@ static int write_rank(write_job *j, int r, sha256_ctx *sha, dsv3_error *err)
 			 ? dsv3_fail(err, DSV3_EIO, "%s: out of memory", j->tmp_paths[r])
 			 : st_writer_open(&w, j->tmp_paths[r], specs, n, NULL, err);
 	if (!rc)
-		rc = write_rank_tensors(j, r, w, index, n, sha, err);
+		rc = write_rank_tensors(j, r, w, index, n, err);
 	if (!rc)
 		rc = st_writer_finish(w, j->file_sha[r], err);
 	if (rc)
 		st_writer_abort(w); /* the temporary would be removed by out_dir_close anyway */
+	note_writer_done(j);
 	if (!rc)
-		rc = hash_queue(j, SIZE_MAX, NULL, sha, err); /* whatever nobody has taken yet */
+		rc = hash_queue(j, SIZE_MAX, sha, err); /* help with what nobody has taken yet */
 	free(specs);
 	free(index);
 	return rc;
 }
 
-/* Task i < mp writes rank i; the others only hash. */
+/* Tasks below n_hashers hash; the others write rank i - n_hashers. */
 static void run_task(void *arg, size_t i)
 {
 	write_job *j = arg;
@@ -453,10 +490,10 @@ static void run_task(void *arg, size_t i)
 	int rc;
 	if (!sha)
 		rc = dsv3_fail(&err, DSV3_EIO, "out of memory");
-	else if (i < (size_t)j->mp)
-		rc = write_rank(j, (int)i, sha, &err);
+	else if (i >= j->n_hashers)
+		rc = write_rank(j, (int)(i - j->n_hashers), sha, &err);
 	else
-		rc = hash_queue(j, SIZE_MAX, NULL, sha, &err);
+		rc = hash_behind_writers(j, sha, &err);
 	if (rc)
 		job_fail(j, &err);
 	sha256_free(sha);
@@ -485,7 +522,9 @@ static int job_init(write_job *j, const mp_tensor *t, size_t n, int mp, int n_ex
 		j->gpos[j->order[k]] = k;
 	atomic_init(&j->next_hash, 0);
 	atomic_init(&j->stop, 0);
+	j->writers_left = mp;
 	pthread_mutex_init(&j->lock, NULL);
+	pthread_cond_init(&j->progress_cond, NULL);
 	return 0;
 }
 
@@ -497,6 +536,7 @@ static void job_free(write_job *j)
 	free(j->order);
 	free(j->gpos);
 	pthread_mutex_destroy(&j->lock);
+	pthread_cond_destroy(&j->progress_cond);
 }
 
 static uint64_t total_written(const write_job *j)
@@ -525,6 +565,14 @@ static int record_manifest(const write_job *j, manifest *m, dsv3_error *err)
 	return 0;
 }
 
+static int resolve_threads(int threads)
+{
+	if (threads > 0)
+		return threads;
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	return n > 0 ? (int)n : 1;
+}
+
 int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, out_dir *o,
 	     manifest *m, mp_stats *stats, dsv3_error *err)
 {
@@ -541,18 +589,25 @@ int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, o
 		if (!j.tmp_paths[r])
 			rc = err->code ? err->code : DSV3_EIO;
 	}
-	thread_pool *pool = rc ? NULL : thread_pool_create(threads);
-	if (!rc && !pool)
-		rc = dsv3_fail(err, DSV3_EIO, "cannot start threads");
+	thread_pool *pool = NULL;
 	if (!rc) {
-		int size = thread_pool_size(pool);
-		size_t tasks = (size_t)mp + (size > mp ? (size_t)(size - mp) : 0);
-		uint64_t logical = 0, written = total_written(&j);
-		for (size_t i = 0; i < n; i++)
-			logical += tensor_bytes(&t[i]);
-		j.hash_per_written = written ? (double)logical / (double)written : 1.0;
+		/* `threads` writers at once (their files' hashes on threads of their own) and as
+		 * many logical hashers: the two hash about the same number of bytes. */
+		int writers = resolve_threads(threads);
+		writers = writers < mp ? writers : mp;
+		pool = thread_pool_create(2 * writers);
+		if (!pool)
+			rc = dsv3_fail(err, DSV3_EIO, "cannot start threads");
+		/* A hasher waits for writers: at least one thread must be left to write (a pool
+		 * may start fewer threads than asked; without hashers writers hash at the end). */
+		else if (thread_pool_size(pool) - 1 < writers)
+			writers = thread_pool_size(pool) - 1;
+		j.n_hashers = (size_t)writers;
+	}
+	if (!rc) {
+		uint64_t written = total_written(&j);
 		progress_start(&j.bar, "writing", written);
-		thread_pool_for(pool, tasks, run_task, &j);
+		thread_pool_for(pool, j.n_hashers + (size_t)mp, run_task, &j);
 		progress_end(&j.bar);
 		if (j.first_err.code) {
 			*err = j.first_err;
