@@ -27,6 +27,7 @@
 
 #include "convert_names.h"
 #include "hf_ckpt.h"
+#include "manifest.h"
 #include "progress.h"
 #include "sha256.h"
 #include "threadpool.h"
@@ -34,7 +35,6 @@
 #define CHUNK (16u << 20)	  /* bytes per write/hash call */
 #define RELEASE_EVERY (64u << 20) /* input bytes touched between page drops */
 #define PROGRESS_EVERY (8u << 20)
-#define WRITEBACK_EVERY (64u << 20) /* output bytes between writeback starts */
 
 /* ---- problems ---------------------------------------------------------------------------- */
 
@@ -382,28 +382,14 @@ static int hash_behind_writers(write_job *j, sha256_ctx *sha, dsv3_error *err)
 typedef struct {
 	write_job *job;
 	st_writer *w;
-	int flush_fd; /* a second descriptor of the file, to start its writeback; -1 if none */
-	uint64_t written, unreported, unflushed;
+	uint64_t written, unreported;
 } rank_sink_ctx;
-
-/* Starts writing the file's dirty pages to disk now, without waiting: the writer's fsync at the
- * end then finds little left to do, instead of stalling this task for the whole file while a
- * core sits idle (the page cache is the file's, whichever descriptor asks). */
-static void start_writeback(rank_sink_ctx *c)
-{
-	if (c->flush_fd >= 0)
-		sync_file_range(c->flush_fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-	c->unflushed = 0;
-}
 
 static int rank_sink(void *ctx, const uint8_t *p, size_t len, dsv3_error *err)
 {
 	rank_sink_ctx *c = ctx;
 	int rc = st_writer_write(c->w, p, len, err);
 	c->written += len;
-	c->unflushed += len;
-	if (c->unflushed >= WRITEBACK_EVERY)
-		start_writeback(c);
 	c->unreported += len;
 	if (c->unreported >= PROGRESS_EVERY) {
 		pthread_mutex_lock(&c->job->lock);
@@ -442,7 +428,7 @@ static int rank_specs(const write_job *j, int r, st_spec **specs, size_t **index
 static int write_rank_tensors(write_job *j, int r, st_writer *w, const size_t *index, size_t n,
 			      dsv3_error *err)
 {
-	rank_sink_ctx c = { j, w, open(j->tmp_paths[r], O_WRONLY | O_CLOEXEC), 0, 0, 0 };
+	rank_sink_ctx c = { j, w, 0, 0 };
 	int rc = 0;
 	for (size_t pos = 0; pos < n && !rc; pos++) {
 		size_t i = index[st_writer_order(w, pos)];
@@ -454,8 +440,6 @@ static int write_rank_tensors(write_job *j, int r, st_writer *w, const size_t *i
 	pthread_mutex_lock(&j->lock);
 	progress_add(&j->bar, c.unreported);
 	pthread_mutex_unlock(&j->lock);
-	if (c.flush_fd >= 0)
-		close(c.flush_fd);
 	return rc;
 }
 
@@ -688,5 +672,31 @@ int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_c
 	for (size_t i = 0; i < n; i++)
 		free(names[i]);
 	free(names);
+	return rc;
+}
+
+/* ---- the whole checkpoint ---------------------------------------------------------------- */
+
+int mp_write_checkpoint(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
+			int mp, int n_experts, int threads, mp_stats *stats, size_t *n_small,
+			dsv3_error *err)
+{
+	out_dir o;
+	manifest m;
+	manifest_init(&m);
+	int rc = out_dir_open(&o, out, err);
+	if (rc) {
+		manifest_free(&m);
+		return rc;
+	}
+	rc = mp_copy_small_files(in_dir, &o, &m, n_small, err);
+	if (!rc)
+		rc = mp_write(t, n, mp, n_experts, threads, &o, &m, stats, err);
+	if (!rc)
+		rc = manifest_write(&m, &o, err);
+	if (!rc)
+		rc = out_dir_commit(&o, err);
+	out_dir_close(&o);
+	manifest_free(&m);
 	return rc;
 }

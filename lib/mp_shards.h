@@ -75,4 +75,12 @@ int mp_file_sha256(const char *path, uint8_t sha256[32], dsv3_error *err);
 int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_copied,
 			dsv3_error *err);
 
+/* A whole converted checkpoint, as dsv3-convert and dsv3-shard both end: the rank files, the
+ * input's small files, SHA256SUMS and tensors.sha256.json, renamed into place only when all
+ * succeeded. t[0..n) is split `mp` ways into out (created); stats and *n_small (files copied)
+ * say what was written. */
+int mp_write_checkpoint(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
+			int mp, int n_experts, int threads, mp_stats *stats, size_t *n_small,
+			dsv3_error *err);
+
 #endif

@@ -14,7 +14,6 @@
 #include "error.h"
 #include "out_dir.h"
 #include "hf_ckpt.h"
-#include "mp_checkpoint.h"
 #include "mp_shards.h"
 
 #define PROG "dsv3-convert"

@@ -18,7 +18,6 @@
 #include "out_dir.h"
 #include "hf_ckpt.h"
 #include "manifest.h"
-#include "mp_checkpoint.h"
 #include "mp_shards.h"
 
 #define PROG "dsv3-shard"
