@@ -17,7 +17,6 @@
 
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,54 +34,6 @@
 #define CHUNK (16u << 20)	  /* bytes per write/hash call */
 #define RELEASE_EVERY (64u << 20) /* input bytes touched between page drops */
 #define PROGRESS_EVERY (8u << 20)
-
-/* ---- problems ---------------------------------------------------------------------------- */
-
-void mp_problems_init(mp_problems *p, dsv3_error *err)
-{
-	p->err = err;
-	p->count = 0;
-	p->shown = 0;
-	err->code = 0;
-	err->msg[0] = '\0';
-}
-
-#define PROBLEM_RESERVE 96 /* room kept for the heading and the "... more" line */
-
-void mp_problem(mp_problems *p, const char *fmt, ...)
-{
-	dsv3_error *e = p->err;
-	char line[1024];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(line, sizeof line, fmt, ap);
-	va_end(ap);
-	p->count++;
-	size_t used = strlen(e->msg), len = strlen(line);
-	if (p->shown >= MP_MAX_PROBLEMS || used + len + 4 + PROBLEM_RESERVE > sizeof e->msg)
-		return;
-	snprintf(e->msg + used, sizeof e->msg - used, "\n  %s", line);
-	p->shown++;
-}
-
-int mp_problems_finish(mp_problems *p)
-{
-	if (p->count == 0)
-		return 0;
-	dsv3_error *e = p->err;
-	char head[64];
-	int hl = snprintf(head, sizeof head, "%d problem%s found, nothing written:", p->count,
-			  p->count == 1 ? "" : "s");
-	size_t used = strlen(e->msg);
-	memmove(e->msg + hl, e->msg, used + 1);
-	memcpy(e->msg, head, (size_t)hl);
-	used += (size_t)hl;
-	if (p->count > p->shown)
-		snprintf(e->msg + used, sizeof e->msg - used, "\n  ... and %d more",
-			 p->count - p->shown);
-	e->code = DSV3_EDATA;
-	return DSV3_EDATA;
-}
 
 /* ---- geometry ------------------------------------------------------------------------------ */
 
@@ -139,24 +90,24 @@ static int rank_slice(const mp_tensor *t, int r, int mp, int n_experts, uint64_t
 	return 1;
 }
 
-void mp_check(const mp_tensor *t, size_t n, int mp, int n_experts, mp_problems *p)
+void mp_check(const mp_tensor *t, size_t n, int mp, int n_experts, problem_list *p)
 {
 	if (mp < 1 || n_experts < 0 || n_experts % mp != 0)
-		mp_problem(p, "%d experts cannot be divided among %d ranks", n_experts, mp);
+		problem_add(p, "%d experts cannot be divided among %d ranks", n_experts, mp);
 	for (size_t i = 0; i < n; i++) {
 		const char *src = t[i].pieces[0].file->path;
 		if (t[i].expert >= n_experts) {
-			mp_problem(p, "%s: tensor %s: expert %d, but there are %d experts", src,
-				   t[i].name, t[i].expert, n_experts);
+			problem_add(p, "%s: tensor %s: expert %d, but there are %d experts", src,
+				    t[i].name, t[i].expert, n_experts);
 		} else if (is_split(&t[i]) && t[i].ndim <= t[i].split_dim) {
-			mp_problem(p, "%s: tensor %s: has %d dims, cannot be split along dim %d", src,
-				   t[i].name, t[i].ndim, t[i].split_dim);
+			problem_add(p, "%s: tensor %s: has %d dims, cannot be split along dim %d",
+				    src, t[i].name, t[i].ndim, t[i].split_dim);
 		} else if (is_split(&t[i]) && t[i].shape[t[i].split_dim] % mp != 0) {
 			size_t len = strlen(t[i].name);
 			int scale = len > 6 && strcmp(t[i].name + len - 6, ".scale") == 0;
-			mp_problem(p, "%s: tensor %s: %s %lld (dim %d) is not divisible by %d", src,
-				   t[i].name, scale ? "scale block count" : "size",
-				   (long long)t[i].shape[t[i].split_dim], t[i].split_dim, mp);
+			problem_add(p, "%s: tensor %s: %s %lld (dim %d) is not divisible by %d",
+				    src, t[i].name, scale ? "scale block count" : "size",
+				    (long long)t[i].shape[t[i].split_dim], t[i].split_dim, mp);
 		}
 	}
 }

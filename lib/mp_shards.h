@@ -8,22 +8,12 @@
 #include "error.h"
 #include "manifest.h"
 #include "out_dir.h"
+#include "problems.h"
 #include "safetensors.h"
 
-/* Problems found while checking inputs: all are listed (up to MP_MAX_PROBLEMS lines) before a
- * tool refuses, so a user fixes them in one go. */
+/* Problems found while checking inputs are all listed before a tool refuses, at most this many
+ * lines of them in the message (problem_list_to_error). */
 #define MP_MAX_PROBLEMS 20
-
-typedef struct {
-	dsv3_error *err; /* message accumulates one line per problem */
-	int count;	 /* found */
-	int shown;	 /* listed in the message */
-} mp_problems;
-
-void mp_problems_init(mp_problems *p, dsv3_error *err);
-void mp_problem(mp_problems *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* 0 when none was found, else DSV3_EDATA with err->msg listing them. */
-int mp_problems_finish(mp_problems *p);
 
 /* One input tensor holding some or all of a logical tensor's bytes. */
 typedef struct {
@@ -53,7 +43,7 @@ typedef struct {
 void mp_file_name(char *buf, size_t len, int rank, int mp);
 /* Adds to p every reason the tensors cannot be split `mp` ways with `n_experts` routed experts
  * (E % mp, an expert index >= E, a split dimension or scale block count not divisible by mp). */
-void mp_check(const mp_tensor *t, size_t n, int mp, int n_experts, mp_problems *p);
+void mp_check(const mp_tensor *t, size_t n, int mp, int n_experts, problem_list *p);
 
 typedef struct {
 	uint64_t bytes_written; /* data of the model files */

@@ -5,7 +5,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -21,46 +20,11 @@
 #define HASH_BATCH (1u << 20) /* small row pieces are gathered before hashing */
 #define DROP_CHUNK (32u << 20) /* mapped bytes are dropped from RSS in pieces this big */
 
-/* What one parallel job found: zero or more problem lines. */
-typedef struct {
-	char *text; /* lines joined by '\n', malloc'd; NULL when all is well */
-	int io;
-} job_result;
-
-static void __attribute__((format(printf, 2, 3))) job_fail(job_result *r, const char *fmt, ...)
-{
-	char buf[2048];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(buf, sizeof buf, fmt, ap);
-	va_end(ap);
-	size_t old = r->text ? strlen(r->text) : 0, add = strlen(buf);
-	char *t = realloc(r->text, old + add + 2);
-	if (!t) {
-		r->io = 1;
-		return;
-	}
-	if (old)
-		t[old++] = '\n';
-	memcpy(t + old, buf, add + 1);
-	r->text = t;
-}
-
 /* Moves the jobs' findings into the list, in job order, so output is deterministic. */
-static void collect(problem_list *problems, job_result *results, size_t n)
+static void collect(problem_list *problems, problem_list *results, size_t n)
 {
-	for (size_t i = 0; i < n; i++) {
-		char *line = results[i].text, *next;
-		for (; line; line = next) {
-			next = strchr(line, '\n');
-			if (next)
-				*next++ = '\0';
-			problem_add(problems, "%s", line);
-		}
-		if (results[i].io)
-			problems->io = 1;
-		free(results[i].text);
-	}
+	for (size_t i = 0; i < n; i++)
+		problem_list_take(problems, &results[i]);
 }
 
 /* ---- files ---- */
@@ -68,22 +32,22 @@ static void collect(problem_list *problems, job_result *results, size_t n)
 typedef struct {
 	const char *dir;
 	const manifest *m;
-	job_result *results;
+	problem_list *results; /* one per job: the threads never share one */
 } file_jobs;
 
 static void check_file(void *arg, size_t i)
 {
 	file_jobs *j = arg;
 	const manifest_file *f = &j->m->files[i];
-	job_result *r = &j->results[i];
+	problem_list *r = &j->results[i];
 	char path[4096];
 	snprintf(path, sizeof path, "%s/%s", j->dir, f->name);
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
 		if (errno == ENOENT)
-			job_fail(r, "%s: missing (listed in SHA256SUMS)", path);
+			problem_add(r, "%s: missing (listed in SHA256SUMS)", path);
 		else
-			job_fail(r, "%s: cannot open: %s", path, strerror(errno)), r->io = 1;
+			problem_add(r, "%s: cannot open: %s", path, strerror(errno)), r->io = 1;
 		return;
 	}
 	sha256_ctx *ctx = sha256_new();
@@ -104,12 +68,12 @@ static void check_file(void *arg, size_t i)
 	close(fd);
 	uint8_t got[32];
 	if (failed) {
-		job_fail(r, "%s: cannot read: %s", path, strerror(errno));
+		problem_add(r, "%s: cannot read: %s", path, strerror(errno));
 		r->io = 1;
 	} else {
 		sha256_final(ctx, got);
 		if (memcmp(got, f->sha256, 32) != 0)
-			job_fail(r, "%s: SHA-256 differs from SHA256SUMS", path);
+			problem_add(r, "%s: SHA-256 differs from SHA256SUMS", path);
 	}
 	sha256_free(ctx);
 	free(buf);
@@ -177,7 +141,7 @@ static void batch_final(batch_hash *h, uint8_t out[32])
 typedef struct {
 	const ckpt_dir *d;
 	const manifest *m;
-	job_result *results;
+	problem_list *results; /* one per job: the threads never share one */
 } tensor_jobs;
 
 /* The logical tensor's dtype and shape, and its hash, once assembled. */
@@ -224,15 +188,15 @@ static int same_bytes(const uint8_t *a, const uint8_t *b, size_t n)
 
 /* Replicated in a converted checkpoint: rank 0's bytes; every other copy must equal them. */
 static int hash_replicated(const ckpt_dir *d, const dir_tensor *t, size_t n, logical_tensor *out,
-			   batch_hash *h, job_result *r)
+			   batch_hash *h, problem_list *r)
 {
 	char path[4096];
 	for (size_t k = 1; k < n; k++) {
 		const st_tensor *a = t[0].tensor, *b = t[k].tensor;
 		if (!same_layout_except(a, b, -1) || !same_bytes(a->data, b->data, a->nbytes)) {
 			ckpt_dir_file_path(d, t[k].file, path, sizeof path);
-			job_fail(r, "%s: tensor %s: replicated copy differs from rank %zu's", path,
-				 t->name, t[0].file);
+			problem_add(r, "%s: tensor %s: replicated copy differs from rank %zu's",
+				    path, t->name, t[0].file);
 		}
 	}
 	return hash_single(&t[0], out, h);
@@ -264,13 +228,13 @@ static void hash_column_split(const dir_tensor *t, size_t n, int64_t rows, batch
 
 /* Split along dim 0: concatenation in rank order; dim 1: per row, the ranks' column pieces. */
 static int hash_split(const ckpt_dir *d, const dir_tensor *t, size_t n, int dim,
-		      logical_tensor *out, batch_hash *h, job_result *r)
+		      logical_tensor *out, batch_hash *h, problem_list *r)
 {
 	char path[4096];
 	const st_tensor *first = t[0].tensor;
 	if (n != (size_t)d->mp || first->ndim <= dim) {
-		job_fail(r, "%s: tensor %s: split along dim %d but found on %zu of %d ranks", d->dir,
-			 t->name, dim, n, d->mp);
+		problem_add(r, "%s: tensor %s: split along dim %d but found on %zu of %d ranks",
+			    d->dir, t->name, dim, n, d->mp);
 		return -1;
 	}
 	out->dtype = first->dtype;
@@ -280,8 +244,8 @@ static int hash_split(const ckpt_dir *d, const dir_tensor *t, size_t n, int dim,
 	for (size_t k = 0; k < n; k++) {
 		if (!same_layout_except(first, t[k].tensor, dim)) {
 			ckpt_dir_file_path(d, t[k].file, path, sizeof path);
-			job_fail(r, "%s: tensor %s: dtype or shape does not match rank 0's piece",
-				 path, t->name);
+			problem_add(r, "%s: tensor %s: dtype or shape does not match "
+				    "rank 0's piece", path, t->name);
 			return -1;
 		}
 		out->shape[dim] += t[k].tensor->shape[dim];
@@ -301,32 +265,32 @@ static int hash_split(const ckpt_dir *d, const dir_tensor *t, size_t n, int dim,
 }
 
 static int assemble_converted(const ckpt_dir *d, const char *name, const dir_tensor *t, size_t n,
-			      logical_tensor *out, batch_hash *h, job_result *r)
+			      logical_tensor *out, batch_hash *h, problem_list *r)
 {
 	converted_name info;
 	if (converted_name_info(name, &info)) {
-		job_fail(r, "%s: tensor %s: not a converted tensor name", d->dir, name);
+		problem_add(r, "%s: tensor %s: not a converted tensor name", d->dir, name);
 		return -1;
 	}
 	if (info.expert >= 0) {
 		if (n != 1) {
-			job_fail(r, "%s: tensor %s: routed expert found on %zu ranks, expected 1",
-				 d->dir, name, n);
+			problem_add(r, "%s: tensor %s: routed expert found on %zu ranks, "
+				    "expected 1", d->dir, name, n);
 			return -1;
 		}
 		return hash_single(t, out, h);
 	}
 	if (info.split_dim == SPLIT_NONE) {
 		if (n != (size_t)d->mp)
-			job_fail(r, "%s: tensor %s: replicated but found on %zu of %d ranks", d->dir,
-				 name, n, d->mp);
+			problem_add(r, "%s: tensor %s: replicated but found on %zu of %d ranks",
+				    d->dir, name, n, d->mp);
 		return hash_replicated(d, t, n, out, h, r);
 	}
 	return hash_split(d, t, n, info.split_dim, out, h, r);
 }
 
 static void compare_logical(const ckpt_dir *d, const manifest_tensor *mt, const dir_tensor *t,
-			    size_t n, const logical_tensor *got, job_result *r)
+			    size_t n, const logical_tensor *got, problem_list *r)
 {
 	char where[4096], s1[256], s2[256];
 	if (n == 1)
@@ -337,16 +301,16 @@ static void compare_logical(const ckpt_dir *d, const manifest_tensor *mt, const 
 	for (int k = 0; same_shape && k < got->ndim; k++)
 		same_shape = got->shape[k] == mt->shape[k];
 	if (got->dtype != mt->dtype) {
-		job_fail(r, "%s: tensor %s: dtype %s, tensors.sha256.json says %s", where, mt->name,
-			 dtype_name(got->dtype), dtype_name(mt->dtype));
+		problem_add(r, "%s: tensor %s: dtype %s, tensors.sha256.json says %s",
+			    where, mt->name, dtype_name(got->dtype), dtype_name(mt->dtype));
 	} else if (!same_shape) {
 		shape_text(got->ndim, got->shape, s1, sizeof s1);
 		shape_text(mt->ndim, mt->shape, s2, sizeof s2);
-		job_fail(r, "%s: tensor %s: shape %s, tensors.sha256.json says %s", where, mt->name,
-			 s1, s2);
+		problem_add(r, "%s: tensor %s: shape %s, tensors.sha256.json says %s",
+			    where, mt->name, s1, s2);
 	} else if (memcmp(got->sha, mt->sha256, 32) != 0) {
-		job_fail(r, "%s: tensor %s: SHA-256 differs from tensors.sha256.json", where,
-			 mt->name);
+		problem_add(r, "%s: tensor %s: SHA-256 differs from tensors.sha256.json", where,
+			    mt->name);
 	}
 }
 
@@ -354,12 +318,12 @@ static void check_tensor(void *arg, size_t i)
 {
 	tensor_jobs *j = arg;
 	const manifest_tensor *mt = &j->m->tensors[i];
-	job_result *r = &j->results[i];
+	problem_list *r = &j->results[i];
 	size_t n;
 	const dir_tensor *t = ckpt_dir_find(j->d, mt->name, &n);
 	if (!t) {
-		job_fail(r, "%s: tensor %s: in tensors.sha256.json but in no file", j->d->dir,
-			 mt->name);
+		problem_add(r, "%s: tensor %s: in tensors.sha256.json but in no file", j->d->dir,
+			    mt->name);
 		return;
 	}
 	batch_hash h = { sha256_new(), malloc(HASH_BATCH), 0 };
@@ -374,7 +338,7 @@ static void check_tensor(void *arg, size_t i)
 		char a[4096], b[4096];
 		ckpt_dir_file_path(j->d, t[0].file, a, sizeof a);
 		ckpt_dir_file_path(j->d, t[1].file, b, sizeof b);
-		job_fail(r, "%s: tensor %s: also in %s", a, mt->name, b);
+		problem_add(r, "%s: tensor %s: also in %s", a, mt->name, b);
 		rc = -1;
 	} else {
 		rc = hash_single(t, &got, &h);
@@ -433,7 +397,7 @@ static int check_all(const char *dir, const ckpt_dir *d, manifest *m, thread_poo
 {
 	qsort(m->tensors, m->n_tensors, sizeof *m->tensors, cmp_manifest_tensor);
 	size_t n = m->n_files + m->n_tensors;
-	job_result *results = calloc(n + 1, sizeof *results);
+	problem_list *results = calloc(n + 1, sizeof *results);
 	if (!results)
 		return -1;
 	all_jobs j = { { dir, m, results }, { d, m, results + m->n_files } };
@@ -534,7 +498,7 @@ int verify_checksums(int argc, char **argv)
 	rc = run_checks(dir, &m, pool, &problems, &err);
 	if (rc)
 		problem_add_error(&problems, &err);
-	rc = problem_list_report(&problems);
+	rc = problem_list_report(&problems, NULL);
 	if (rc == DSV3_OK)
 		printf("OK: %zu files, %zu tensors verified\n", m.n_files, m.n_tensors);
 	else

@@ -309,7 +309,7 @@ int verify_ckpt(int argc, char **argv)
 	problem_list problems = { 0 };
 	ckpt_dir d;
 	if (ckpt_dir_open(&d, dir, &problems, &err)) {
-		problem_list_report(&problems);
+		problem_list_report(&problems, NULL);
 		problem_list_free(&problems);
 		return dsv3_report(VERIFY_PROG, &err);
 	}
@@ -317,7 +317,7 @@ int verify_ckpt(int argc, char **argv)
 	int with_mtp = 0;
 	if (check_structure(&d, &cfg, &problems, &checked, &with_mtp, &err))
 		problem_add_error(&problems, &err);
-	int rc = problem_list_report(&problems);
+	int rc = problem_list_report(&problems, NULL);
 	if (rc == DSV3_OK)
 		printf("OK: %zu tensors in %zu files match %s (%s layout%s%s)\n", checked,
 		       d.n_files, path, d.converted ? "converted" : "Hugging Face",

@@ -4,24 +4,10 @@
 #include <stddef.h>
 #include <stdio.h>
 #include "error.h"
+#include "problems.h"
 #include "safetensors.h"
 
 #define VERIFY_PROG "dsv3-verify"
-
-/* Every problem found, one line each; `io` is set when one of them was an I/O failure (exit 3
- * rather than 2). */
-typedef struct {
-	char **lines;
-	size_t n, cap;
-	int io;
-} problem_list;
-
-void problem_add(problem_list *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Adds err's message (as a problem, I/O or data per its code). */
-void problem_add_error(problem_list *p, const dsv3_error *err);
-void problem_list_free(problem_list *p);
-/* Prints each problem on stderr; returns the exit code: 0 none, 2 data, 3 I/O. */
-int problem_list_report(const problem_list *p);
 
 /* One tensor of a directory, found by name. */
 typedef struct {

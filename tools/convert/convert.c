@@ -115,14 +115,14 @@ static void plan_free(convert_plan *p)
 
 /* One HF tensor -> one logical tensor of the plan, or a problem. */
 static void plan_tensor(convert_plan *p, const st_file *f, const st_tensor *st,
-			const dsv3_config *cfg, mp_problems *pr)
+			const dsv3_config *cfg, problem_list *pr)
 {
 	converted_name cn;
 	long layer = hf_layer(st->name);
 	int mtp_outside_mtp = hf_name_is_mtp_module(st->name) && layer < cfg->n_layers;
 	if (convert_name(st->name, &cn) != 0 || mtp_outside_mtp) {
-		mp_problem(pr, "%s: tensor %s: unknown tensor name (its module is not in the "
-			   "mapping of convert.py)", f->path, st->name);
+		problem_add(pr, "%s: tensor %s: unknown tensor name (its module is not in the "
+			    "mapping of convert.py)", f->path, st->name);
 		return;
 	}
 	mp_tensor *t = &p->t[p->n];
@@ -148,11 +148,11 @@ static int cmp_by_name(const void *a, const void *b)
 }
 
 /* convert.py would silently keep the last of two tensors with one converted name: refuse. */
-static void check_duplicates(const convert_plan *p, mp_problems *pr)
+static void check_duplicates(const convert_plan *p, problem_list *pr)
 {
 	mp_tensor **sorted = malloc((p->n ? p->n : 1) * sizeof *sorted);
 	if (!sorted) {
-		mp_problem(pr, "out of memory");
+		problem_add(pr, "out of memory");
 		return;
 	}
 	for (size_t i = 0; i < p->n; i++)
@@ -160,10 +160,10 @@ static void check_duplicates(const convert_plan *p, mp_problems *pr)
 	qsort(sorted, p->n, sizeof *sorted, cmp_by_name);
 	for (size_t i = 1; i < p->n; i++)
 		if (strcmp(sorted[i - 1]->name, sorted[i]->name) == 0)
-			mp_problem(pr, "%s: tensor %s: converts to %s, as does %s in %s",
-				   sorted[i]->pieces->file->path, sorted[i]->pieces->t->name,
-				   sorted[i]->name, sorted[i - 1]->pieces->t->name,
-				   sorted[i - 1]->pieces->file->path);
+			problem_add(pr, "%s: tensor %s: converts to %s, as does %s in %s",
+				    sorted[i]->pieces->file->path, sorted[i]->pieces->t->name,
+				    sorted[i]->name, sorted[i - 1]->pieces->t->name,
+				    sorted[i - 1]->pieces->file->path);
 	free(sorted);
 }
 
@@ -179,11 +179,10 @@ static int plan_convert(const hf_ckpt *c, const dsv3_config *cfg, const convert_
 	p->pieces = malloc((total ? total : 1) * sizeof *p->pieces);
 	if (!p->t || !p->pieces)
 		return dsv3_fail(err, DSV3_EIO, "out of memory");
-	mp_problems pr;
-	mp_problems_init(&pr, err);
+	problem_list pr = { 0 };
 	if (a->n_experts != cfg->n_routed_experts)
-		mp_problem(&pr, "--n-experts %d, but %s/config.json has n_routed_experts %d",
-			   a->n_experts, a->in, cfg->n_routed_experts);
+		problem_add(&pr, "--n-experts %d, but %s/config.json has n_routed_experts %d",
+			    a->n_experts, a->in, cfg->n_routed_experts);
 	for (size_t i = 0; i < c->n_files; i++) {
 		const st_file *f = &c->files[i];
 		for (size_t k = 0; k < f->n_tensors; k++) {
@@ -193,10 +192,12 @@ static int plan_convert(const hf_ckpt *c, const dsv3_config *cfg, const convert_
 		}
 	}
 	if (p->n == 0)
-		mp_problem(&pr, "%s: no tensors to convert", a->in);
+		problem_add(&pr, "%s: no tensors to convert", a->in);
 	check_duplicates(p, &pr);
 	mp_check(p->t, p->n, a->mp, a->n_experts, &pr);
-	return mp_problems_finish(&pr);
+	int rc = problem_list_to_error(&pr, MP_MAX_PROBLEMS, err);
+	problem_list_free(&pr);
+	return rc;
 }
 
 static double now_seconds(void)

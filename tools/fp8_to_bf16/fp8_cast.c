@@ -11,7 +11,6 @@
 #include <jansson.h>
 #include <limits.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,33 +97,6 @@ static char *path_join(const char *dir, const char *name)
 	return p;
 }
 
-static void __attribute__((format(printf, 2, 3))) add_problem(problem_list *p, const char *fmt, ...)
-{
-	char buf[1024];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(buf, sizeof buf, fmt, ap);
-	va_end(ap);
-	if (p->n == p->cap) {
-		size_t cap = p->cap ? 2 * p->cap : 16;
-		char **l = realloc(p->lines, cap * sizeof *l);
-		if (!l)
-			return;
-		p->lines = l;
-		p->cap = cap;
-	}
-	if ((p->lines[p->n] = strdup(buf)))
-		p->n++;
-}
-
-void problem_list_free(problem_list *p)
-{
-	for (size_t i = 0; i < p->n; i++)
-		free(p->lines[i]);
-	free(p->lines);
-	memset(p, 0, sizeof *p);
-}
-
 static int64_t ceil_div(int64_t a, int64_t b)
 {
 	return (a + b - 1) / b;
@@ -197,14 +169,14 @@ static void check_fp8_weight(const fp8_cast *fc, size_t file, const st_tensor *t
 	char shape[128], sshape[128];
 	shape_text(t, shape, sizeof shape);
 	if (t->ndim != 2) {
-		add_problem(problems, "%s/%s: tensor %s: F8_E4M3 weight of shape %s is not 2-D",
+		problem_add(problems, "%s/%s: tensor %s: F8_E4M3 weight of shape %s is not 2-D",
 			    fc->opt->in_dir, fname, t->name, shape);
 		return;
 	}
 	size_t sfile;
 	const st_tensor *s = find_scale(&fc->ckpt, t->name, &sfile);
 	if (!s) {
-		add_problem(problems, "%s/%s: tensor %s: F8_E4M3 weight has no scale %s%s",
+		problem_add(problems, "%s/%s: tensor %s: F8_E4M3 weight has no scale %s%s",
 			    fc->opt->in_dir, fname, t->name, t->name, SCALE_SUFFIX);
 		(*missing)++;
 		return;
@@ -213,10 +185,10 @@ static void check_fp8_weight(const fp8_cast *fc, size_t file, const st_tensor *t
 	shape_text(s, sshape, sizeof sshape);
 	int64_t er = ceil_div(t->shape[0], fc->block_rows), ec = ceil_div(t->shape[1], fc->block_cols);
 	if (s->dtype != ST_F32)
-		add_problem(problems, "%s/%s: tensor %s: scale %s in %s is %s, expected F32",
+		problem_add(problems, "%s/%s: tensor %s: scale %s in %s is %s, expected F32",
 			    fc->opt->in_dir, fname, t->name, s->name, sname, dtype_name(s->dtype));
 	else if (s->ndim != 2 || s->shape[0] != er || s->shape[1] != ec)
-		add_problem(problems,
+		problem_add(problems,
 			    "%s/%s: tensor %s of shape %s: scale %s in %s has shape %s, expected [%lld, %lld]",
 			    fc->opt->in_dir, fname, t->name, shape, s->name, sname, sshape,
 			    (long long)er, (long long)ec);
@@ -233,7 +205,7 @@ static int check_input(fp8_cast *fc, problem_list *problems, dsv3_error *err)
 			    !ends_with(sf->tensors[i].name, SCALE_SUFFIX))
 				check_fp8_weight(fc, f, &sf->tensors[i], problems, &missing);
 	}
-	if (!problems->n)
+	if (problem_list_exit_code(problems) == DSV3_OK)
 		return 0;
 	if (missing)
 		return dsv3_fail(err, DSV3_EDATA,

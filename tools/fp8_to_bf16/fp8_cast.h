@@ -6,18 +6,13 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "error.h"
+#include "problems.h"
 
 typedef struct {
 	const char *in_dir;
 	const char *out_dir;
 	int threads; /* <= 0: all cores */
 } fp8_cast_options;
-
-/* Problems found while checking the input, one line each (for main to print). */
-typedef struct {
-	char **lines;
-	size_t n, cap;
-} problem_list;
 
 typedef struct {
 	size_t files, tensors, dequantised, scales_dropped, other_files;
@@ -29,6 +24,5 @@ typedef struct {
  * written and the return is DSV3_EDATA. */
 int fp8_cast_run(const fp8_cast_options *opt, problem_list *problems, fp8_cast_stats *stats,
 		 dsv3_error *err);
-void problem_list_free(problem_list *p);
 
 #endif

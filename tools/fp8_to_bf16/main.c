@@ -88,8 +88,7 @@ int main(int argc, char **argv)
 	fp8_cast_stats stats;
 	dsv3_error err = { 0 };
 	rc = fp8_cast_run(&opt, &problems, &stats, &err);
-	for (size_t i = 0; i < problems.n; i++)
-		fprintf(stderr, PROG ": %s\n", problems.lines[i]);
+	problem_list_report(&problems, PROG);
 	problem_list_free(&problems);
 	if (rc)
 		return dsv3_report(PROG, &err);

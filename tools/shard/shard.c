@@ -232,42 +232,43 @@ static int same_layout(const st_tensor *a, const st_tensor *b)
 
 /* Group e[0..k) (one name, sorted by rank) must hold one entry per rank, all alike. */
 static int check_on_every_rank(const rank_entry *e, size_t k, const rank_files *rf,
-			       mp_problems *pr)
+			       problem_list *pr)
 {
 	for (size_t i = 0; i < k; i++) {
 		if (e[i].rank != (int)i) {
-			mp_problem(pr, "%s: tensor %s: missing (the other ranks have it)",
-				   rf->files[i].path, e[0].name);
+			problem_add(pr, "%s: tensor %s: missing (the other ranks have it)",
+				    rf->files[i].path, e[0].name);
 			return -1;
 		}
 		if (i > 0 && !same_layout(e[0].t, e[i].t)) {
-			mp_problem(pr, "%s: tensor %s: dtype or shape differs from rank 0's",
-				   rf->files[i].path, e[0].name);
+			problem_add(pr, "%s: tensor %s: dtype or shape differs from rank 0's",
+				    rf->files[i].path, e[0].name);
 			return -1;
 		}
 	}
 	if ((int)k != rf->n) {
-		mp_problem(pr, "%s: tensor %s: present on %zu of the %d ranks", rf->files[0].path,
-			   e[0].name, k, rf->n);
+		problem_add(pr, "%s: tensor %s: present on %zu of the %d ranks", rf->files[0].path,
+			    e[0].name, k, rf->n);
 		return -1;
 	}
 	return 0;
 }
 
 static void plan_expert(shard_plan *p, mp_tensor *t, const rank_entry *e, size_t k,
-			const rank_files *rf, int n_experts, mp_problems *pr)
+			const rank_files *rf, int n_experts, problem_list *pr)
 {
 	if (k != 1) {
-		mp_problem(pr, "%s: tensor %s: a routed expert, found on %zu ranks",
-			   rf->files[e[0].rank].path, e[0].name, k);
+		problem_add(pr, "%s: tensor %s: a routed expert, found on %zu ranks",
+			    rf->files[e[0].rank].path, e[0].name, k);
 		return;
 	}
 	int owner = n_experts > 0 && n_experts % rf->n == 0 && t->expert < n_experts
 			    ? expert_rank(t->expert, n_experts, rf->n)
 			    : e[0].rank; /* the count itself is reported by mp_check */
 	if (owner != e[0].rank) {
-		mp_problem(pr, "%s: tensor %s: expert %d belongs on rank %d (%d experts, %d ranks)",
-			   rf->files[e[0].rank].path, e[0].name, t->expert, owner, n_experts, rf->n);
+		problem_add(pr, "%s: tensor %s: expert %d belongs on rank %d "
+			    "(%d experts, %d ranks)", rf->files[e[0].rank].path,
+			    e[0].name, t->expert, owner, n_experts, rf->n);
 		return;
 	}
 	mp_piece *pc = &p->pieces[e - p->entries];
@@ -279,7 +280,7 @@ static void plan_expert(shard_plan *p, mp_tensor *t, const rank_entry *e, size_t
 
 /* Split tensors: N pieces in rank order. Replicated ones: rank 0's bytes, the others copies. */
 static void plan_spread(shard_plan *p, mp_tensor *t, const rank_entry *e, size_t k,
-			const rank_files *rf, mp_problems *pr)
+			const rank_files *rf, problem_list *pr)
 {
 	if (check_on_every_rank(e, k, rf, pr))
 		return;
@@ -292,8 +293,8 @@ static void plan_spread(shard_plan *p, mp_tensor *t, const rank_entry *e, size_t
 		t->copies = pc + 1;
 		t->n_copies = (int)k - 1;
 	} else if (t->split_dim >= t->ndim) {
-		mp_problem(pr, "%s: tensor %s: has %d dims, cannot be split along dim %d",
-			   rf->files[0].path, e[0].name, t->ndim, t->split_dim);
+		problem_add(pr, "%s: tensor %s: has %d dims, cannot be split along dim %d",
+			    rf->files[0].path, e[0].name, t->ndim, t->split_dim);
 		return;
 	} else {
 		t->n_pieces = (int)k;
@@ -303,12 +304,12 @@ static void plan_spread(shard_plan *p, mp_tensor *t, const rank_entry *e, size_t
 }
 
 static void plan_group(shard_plan *p, const rank_entry *e, size_t k, const rank_files *rf,
-		       int n_experts, mp_problems *pr)
+		       int n_experts, problem_list *pr)
 {
 	converted_name cn;
 	if (converted_name_info(e[0].name, &cn) != 0) {
-		mp_problem(pr, "%s: tensor %s: not a converted tensor name", rf->files[e[0].rank].path,
-			   e[0].name);
+		problem_add(pr, "%s: tensor %s: not a converted tensor name",
+			    rf->files[e[0].rank].path, e[0].name);
 		return;
 	}
 	mp_tensor *t = &p->t[p->n];
@@ -362,7 +363,7 @@ static int cmp_manifest_tensor(const void *a, const void *b)
 
 /* The input's tensors.sha256.json, when there is one, must describe exactly these tensors; their
  * hashes are then checked as the bytes pass. */
-static void match_input_manifest(shard_plan *p, const char *in, mp_problems *pr)
+static void match_input_manifest(shard_plan *p, const char *in, problem_list *pr)
 {
 	char path[4096];
 	struct stat st;
@@ -371,7 +372,7 @@ static void match_input_manifest(shard_plan *p, const char *in, mp_problems *pr)
 	if (stat(path, &st) != 0)
 		return;
 	if (manifest_read(&p->expect, in, &merr)) {
-		mp_problem(pr, "%s", merr.msg);
+		problem_add(pr, "%s", merr.msg);
 		return;
 	}
 	p->has_expect = 1;
@@ -382,17 +383,18 @@ static void match_input_manifest(shard_plan *p, const char *in, mp_problems *pr)
 		const manifest_tensor *e = bsearch(t->name, m->tensors, m->n_tensors,
 						   sizeof *m->tensors, cmp_manifest_name);
 		if (!e)
-			mp_problem(pr, "%s: tensor %s: not listed in tensors.sha256.json", in, t->name);
+			problem_add(pr, "%s: tensor %s: not listed in tensors.sha256.json", in,
+				    t->name);
 		else if (e->dtype != t->dtype || e->ndim != t->ndim ||
 			 memcmp(e->shape, t->shape, (size_t)t->ndim * sizeof t->shape[0]) != 0)
-			mp_problem(pr, "%s: tensor %s: dtype or shape differs from tensors.sha256.json",
-				   in, t->name);
+			problem_add(pr, "%s: tensor %s: dtype or shape differs from "
+				    "tensors.sha256.json", in, t->name);
 		else
 			t->expect_sha256 = e->sha256;
 	}
 	if (m->n_tensors > p->n)
-		mp_problem(pr, "%s: tensors.sha256.json lists %zu tensors, the rank files hold %zu", in,
-			   m->n_tensors, p->n);
+		problem_add(pr, "%s: tensors.sha256.json lists %zu tensors, "
+			    "the rank files hold %zu", in, m->n_tensors, p->n);
 }
 
 static int plan_shard(const shard_args *a, const rank_files *rf, shard_plan *p, int *n_experts,
@@ -404,11 +406,10 @@ static int plan_shard(const shard_args *a, const rank_files *rf, shard_plan *p, 
 	int rc = experts_of(a, p, n_experts, err);
 	if (rc)
 		return rc;
-	mp_problems pr;
-	mp_problems_init(&pr, err);
+	problem_list pr = { 0 };
 	if (*n_experts % rf->n != 0)
-		mp_problem(&pr, "%s: %d experts cannot have been split among its %d ranks", a->in,
-			   *n_experts, rf->n);
+		problem_add(&pr, "%s: %d experts cannot have been split among its %d ranks", a->in,
+			    *n_experts, rf->n);
 	for (size_t i = 0; i < p->n_entries;) {
 		size_t k = 1;
 		while (i + k < p->n_entries && !strcmp(p->entries[i].name, p->entries[i + k].name))
@@ -418,7 +419,9 @@ static int plan_shard(const shard_args *a, const rank_files *rf, shard_plan *p, 
 	}
 	match_input_manifest(p, a->in, &pr);
 	mp_check(p->t, p->n, a->mp, *n_experts, &pr);
-	return mp_problems_finish(&pr);
+	rc = problem_list_to_error(&pr, MP_MAX_PROBLEMS, err);
+	problem_list_free(&pr);
+	return rc;
 }
 
 /* ---- writing ------------------------------------------------------------------------------ */
