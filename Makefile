@@ -2,8 +2,8 @@
 # `make demo` runs the weight-tool workflow on a synthetic checkpoint.
 CC      ?= cc
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -Wall -Wextra -Werror -pthread -Ilib
-LDLIBS  := -ljansson -lcrypto -lz -lm -pthread
+CFLAGS  += -std=c11 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -Wall -Wextra -Werror -pthread -Ilib -Iref-engine
+LDLIBS  := -ljansson -lcrypto -lz -lpcre2-8 -lm -pthread
 SAN     ?= 0
 ifeq ($(SAN),1)
 CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
@@ -17,8 +17,15 @@ CUDA    ?= $(if $(shell command -v nvcc 2>/dev/null),1,0)
 LIB_SRC   := $(wildcard lib/*.c)
 LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 LIB_A     := $(BUILD)/libdsv3.a
+# The reference engine: ref-engine/*.c and its backends (cpu/) form libdsv3engine.a; each
+# ref-engine/main/NAME.c is the main of build/bin/dsv3-NAME.
+ENGINE_SRC := $(wildcard ref-engine/*.c ref-engine/cpu/*.c)
+ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/obj/%.o)
+ENGINE_A   := $(if $(ENGINE_SRC),$(BUILD)/libdsv3engine.a)
+ENGINE_MAINS := $(patsubst ref-engine/main/%.c,$(BUILD)/bin/dsv3-%,$(wildcard ref-engine/main/*.c))
 TOOL_DIRS := $(notdir $(wildcard tools/*))
-TOOLS     := $(foreach t,$(TOOL_DIRS),$(BUILD)/bin/dsv3-$(subst _,-,$(t))) $(BUILD)/bin/dsv3-verify
+TOOLS     := $(foreach t,$(TOOL_DIRS),$(BUILD)/bin/dsv3-$(subst _,-,$(t))) $(BUILD)/bin/dsv3-verify \
+	     $(ENGINE_MAINS)
 TEST_SRC  := $(wildcard tests/test_*.c)
 TESTS     := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 TEST_SUPPORT := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tests/support/*.c))
@@ -37,6 +44,14 @@ $(LIB_A): $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
+$(BUILD)/libdsv3engine.a: $(ENGINE_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/bin/dsv3-%: $(BUILD)/obj/ref-engine/main/%.o $(ENGINE_A) $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
 define tool_rule
 $(BUILD)/bin/dsv3-$(subst _,-,$(1)): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tools/$(1)/*.c)) $(LIB_A)
 	@mkdir -p $$(dir $$@)
@@ -44,18 +59,18 @@ $(BUILD)/bin/dsv3-$(subst _,-,$(1)): $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard 
 endef
 $(foreach t,$(TOOL_DIRS),$(eval $(call tool_rule,$(t))))
 
-$(BUILD)/bin/dsv3-verify: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard verify/*.c)) $(LIB_A)
+$(BUILD)/bin/dsv3-verify: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard verify/*.c)) $(ENGINE_A) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT) $(LIB_A)
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT) $(ENGINE_A) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
 
 # libFuzzer targets over the parsers (DESIGN §8), built with clang, ASan and UBSan.
-build-fuzz/%: tests/fuzz/%.c $(LIB_SRC)
+build-fuzz/%: tests/fuzz/%.c $(LIB_SRC) $(ENGINE_SRC)
 	@mkdir -p $(dir $@)
-	clang -std=c11 -D_GNU_SOURCE -g -O1 -Ilib -fsanitize=fuzzer,address,undefined \
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -Ilib -Iref-engine -fsanitize=fuzzer,address,undefined \
 		-fno-sanitize-recover=all -o $@ $^ $(LDLIBS)
 
 # Installs what a fresh Debian machine lacks; idempotent (the stamp remembers success).
