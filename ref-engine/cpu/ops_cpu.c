@@ -1,0 +1,272 @@
+/* The CPU backend of ops.h: fp32 arithmetic, weights decoded inside the loops (an FP8 weight is
+ * never expanded in memory). Every dot product over a weight row is summed in 128-column blocks
+ * chained in column order, whichever rank's piece a block lies in, so a matrix split over ranks
+ * gives bit-for-bit the numbers of the whole one. */
+#include "ops.h"
+
+#include <math.h>
+#include <string.h>
+
+#define ROWS_PER_TASK 16
+
+/* E4M3 "fn": sign, 4 exponent bits (bias 7), 3 mantissa bits; 0x7F/0xFF are NaN. */
+static inline float e4m3_value(uint8_t v)
+{
+	uint32_t sign = (uint32_t)(v & 0x80) << 24;
+	uint32_t e = (v >> 3) & 0xF, m = v & 7;
+	float f;
+	if ((v & 0x7F) == 0x7F)
+		return NAN;
+	if (e == 0) {
+		f = (float)m * (1.0f / 512.0f);
+	} else {
+		uint32_t bits = ((e + 120) << 23) | (m << 20);
+		memcpy(&f, &bits, 4);
+	}
+	return sign ? -f : f;
+}
+
+static inline float bf16_value(uint16_t v)
+{
+	uint32_t bits = (uint32_t)v << 16;
+	float f;
+	memcpy(&f, &bits, 4);
+	return f;
+}
+
+static inline float piece_at(const weight_piece *p, size_t idx)
+{
+	switch (p->dtype) {
+	case ST_F8_E4M3: return e4m3_value(((const uint8_t *)p->data)[idx]);
+	case ST_BF16: return bf16_value(((const uint16_t *)p->data)[idx]);
+	default: return ((const float *)p->data)[idx];
+	}
+}
+
+static inline float piece_scale(const weight_piece *p, int r, int c)
+{
+	if (!p->scale)
+		return 1.0f;
+	return p->scale[(size_t)(r / WEIGHT_BLOCK) * p->scale_cols + c / WEIGHT_BLOCK];
+}
+
+/* acc + row r of the piece . x, block by block. */
+static float piece_row_dot(const weight_piece *p, int r, const float *x, float acc)
+{
+	size_t base = (size_t)r * p->cols;
+	for (int c0 = 0; c0 < p->cols; c0 += WEIGHT_BLOCK) {
+		int c1 = c0 + WEIGHT_BLOCK < p->cols ? c0 + WEIGHT_BLOCK : p->cols;
+		float s = 0.0f;
+		if (p->dtype == ST_F8_E4M3) {
+			const uint8_t *w = (const uint8_t *)p->data + base;
+			for (int c = c0; c < c1; c++)
+				s += e4m3_value(w[c]) * x[c];
+			acc += s * piece_scale(p, r, c0);
+		} else if (p->dtype == ST_BF16) {
+			const uint16_t *w = (const uint16_t *)p->data + base;
+			for (int c = c0; c < c1; c++)
+				s += bf16_value(w[c]) * x[c];
+			acc += s;
+		} else {
+			const float *w = (const float *)p->data + base;
+			for (int c = c0; c < c1; c++)
+				s += w[c] * x[c];
+			acc += s;
+		}
+	}
+	return acc;
+}
+
+/* The piece holding logical row r of a row-split view, and r within it. */
+static const weight_piece *row_piece(const weight_view *w, int r, int *local)
+{
+	int i = 0;
+	while (i + 1 < w->n_pieces && r >= w->pieces[i].rows)
+		r -= w->pieces[i++].rows;
+	*local = r;
+	return &w->pieces[i];
+}
+
+static float view_row_dot(const weight_view *w, int r, const float *x)
+{
+	if (w->split_dim != 1) {
+		int lr;
+		const weight_piece *p = row_piece(w, r, &lr);
+		return piece_row_dot(p, lr, x, 0.0f);
+	}
+	float acc = 0.0f;
+	for (int i = 0; i < w->n_pieces; i++) {
+		acc = piece_row_dot(&w->pieces[i], r, x, acc);
+		x += w->pieces[i].cols;
+	}
+	return acc;
+}
+
+void op_matvec_rows(float *y, const weight_view *w, int row0, int n, const float *x)
+{
+	for (int i = 0; i < n; i++)
+		y[i] = view_row_dot(w, row0 + i, x);
+}
+
+typedef struct {
+	float *y;
+	const weight_view *w;
+	const float *x;
+} matvec_job;
+
+static void matvec_task(void *arg, size_t t)
+{
+	const matvec_job *j = arg;
+	int r0 = (int)t * ROWS_PER_TASK;
+	int n = j->w->rows - r0 < ROWS_PER_TASK ? j->w->rows - r0 : ROWS_PER_TASK;
+	op_matvec_rows(j->y + r0, j->w, r0, n, j->x);
+}
+
+void op_matvec(thread_pool *pool, float *y, const weight_view *w, const float *x)
+{
+	matvec_job j = { y, w, x };
+	size_t tasks = ((size_t)w->rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+	if (pool)
+		thread_pool_for(pool, tasks, matvec_task, &j);
+	else
+		for (size_t t = 0; t < tasks; t++)
+			matvec_task(&j, t);
+}
+
+/* Row r of a view into out[cols], decoded and scaled. */
+void op_weight_row(float *out, const weight_view *w, int r)
+{
+	int pieces = w->split_dim == 1 ? w->n_pieces : 1;
+	int lr = r;
+	const weight_piece *p = w->split_dim == 1 ? w->pieces : row_piece(w, r, &lr);
+	for (int i = 0; i < pieces; i++, p++) {
+		for (int c = 0; c < p->cols; c++)
+			out[c] = piece_at(p, (size_t)lr * p->cols + c) * piece_scale(p, lr, c);
+		out += p->cols;
+	}
+}
+
+void op_matvec_t_rows(float *y, const weight_view *w, int row0, int n, const float *x)
+{
+	int cols = w->cols;
+	for (int c = 0; c < cols; c++)
+		y[c] = 0.0f;
+	for (int i = 0; i < n; i++) {
+		int lr;
+		const weight_piece *p = row_piece(w, row0 + i, &lr);
+		if (w->split_dim == 1) {
+			/* Column-split: walk the pieces along the row. */
+			float *yc = y;
+			for (int k = 0; k < w->n_pieces; k++) {
+				const weight_piece *q = &w->pieces[k];
+				for (int c = 0; c < q->cols; c++)
+					yc[c] += x[i] * (piece_at(q, (size_t)(row0 + i) * q->cols + c) *
+							 piece_scale(q, row0 + i, c));
+				yc += q->cols;
+			}
+			continue;
+		}
+		for (int c = 0; c < cols; c++)
+			y[c] += x[i] * (piece_at(p, (size_t)lr * p->cols + c) * piece_scale(p, lr, c));
+	}
+}
+
+void op_rmsnorm(float *y, const float *x, const weight_view *w, int n, float eps)
+{
+	float ss = 0.0f;
+	for (int i = 0; i < n; i++)
+		ss += x[i] * x[i];
+	float inv = 1.0f / sqrtf(ss / (float)n + eps);
+	const weight_piece *p = &w->pieces[0];
+	for (int i = 0; i < n; i++)
+		y[i] = x[i] * inv * piece_at(p, (size_t)i);
+}
+
+void op_rope(float *x, int n, const float *cos_a, const float *sin_a)
+{
+	for (int i = 0; i < n / 2; i++) {
+		float a = x[2 * i], b = x[2 * i + 1];
+		x[2 * i] = a * cos_a[i] - b * sin_a[i];
+		x[2 * i + 1] = a * sin_a[i] + b * cos_a[i];
+	}
+}
+
+void op_softmax(float *x, int n)
+{
+	float max = x[0];
+	for (int i = 1; i < n; i++)
+		if (x[i] > max)
+			max = x[i];
+	float sum = 0.0f;
+	for (int i = 0; i < n; i++) {
+		x[i] = expf(x[i] - max);
+		sum += x[i];
+	}
+	for (int i = 0; i < n; i++)
+		x[i] /= sum;
+}
+
+void op_silu_mul(float *a, const float *b, int n)
+{
+	for (int i = 0; i < n; i++)
+		a[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+}
+
+void op_add_scaled(float *y, const float *x, float s, int n)
+{
+	for (int i = 0; i < n; i++)
+		y[i] += s * x[i];
+}
+
+typedef struct {
+	float *out;
+	const float *q;
+	const weight_view *wkv_b;
+	const float *c, *k_pe;
+	int t;
+	const mla_dims *d;
+	float *scratch;
+} mla_job;
+
+static float dot(const float *a, const float *b, int n)
+{
+	float s = 0.0f;
+	for (int i = 0; i < n; i++)
+		s += a[i] * b[i];
+	return s;
+}
+
+/* One head: q_c = q_nope . wkv_b[h,:nope]; scores against c and k_pe; o_c = sum p c;
+ * out_h = o_c . wkv_b[h,nope:]^T. */
+static void mla_head(void *arg, size_t h)
+{
+	const mla_job *j = arg;
+	const mla_dims *d = j->d;
+	const float *qn = j->q + h * (size_t)(d->nope + d->rope);
+	const float *qpe = qn + d->nope;
+	float *q_c = j->scratch + h * (size_t)(2 * d->lora + j->t);
+	float *o_c = q_c + d->lora;
+	float *p = o_c + d->lora;
+	int row0 = (int)h * (d->nope + d->v);
+
+	op_matvec_t_rows(q_c, j->wkv_b, row0, d->nope, qn);
+	for (int s = 0; s < j->t; s++)
+		p[s] = (dot(q_c, j->c + (size_t)s * d->lora, d->lora) +
+			dot(qpe, j->k_pe + (size_t)s * d->rope, d->rope)) * d->softmax_scale;
+	op_softmax(p, j->t);
+	memset(o_c, 0, sizeof(float) * d->lora);
+	for (int s = 0; s < j->t; s++)
+		op_add_scaled(o_c, j->c + (size_t)s * d->lora, p[s], d->lora);
+	op_matvec_rows(j->out + h * (size_t)d->v, j->wkv_b, row0 + d->nope, d->v, o_c);
+}
+
+void op_mla_attention(thread_pool *pool, float *out, const float *q, const weight_view *wkv_b,
+		      const float *c, const float *k_pe, int t, const mla_dims *d, float *scratch)
+{
+	mla_job j = { out, q, wkv_b, c, k_pe, t, d, scratch };
+	if (pool)
+		thread_pool_for(pool, (size_t)d->n_heads, mla_head, &j);
+	else
+		for (int h = 0; h < d->n_heads; h++)
+			mla_head(&j, (size_t)h);
+}

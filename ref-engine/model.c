@@ -1,0 +1,316 @@
+/* DeepSeek-V3 / V2 forward pass on the CPU, one token of one sequence at a time, exactly
+ * DESIGN §4 (the official model.py's semantics; its names: MLA, Gate, MoE, MLP, Block).
+ * Read top to bottom: config, state, then RMSNorm -> MLA -> MoE/MLP per block, then the head. */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_load.h"
+
+/* ---- derived numbers ---- */
+
+float model_softmax_scale(const dsv3_config *c, int max_seq_len)
+{
+	float scale = 1.0f / sqrtf((float)(c->qk_nope_head_dim + c->qk_rope_head_dim));
+	if (max_seq_len > c->original_seq_len && c->rope_factor > 1.0) {
+		float m = 0.1f * (float)c->mscale * logf((float)c->rope_factor) + 1.0f;
+		scale *= m * m;
+	}
+	return scale;
+}
+
+/* YaRN's correction dim: the rotary index whose wavelength fits `rotations` times in L0. */
+static float correction_dim(float rotations, int d, float theta, int l0)
+{
+	return (float)d * logf((float)l0 / (rotations * 2.0f * (float)M_PI)) / (2.0f * logf(theta));
+}
+
+void model_rope_freqs(float *inv_freq, const dsv3_config *c, int max_seq_len)
+{
+	int d = c->qk_rope_head_dim;
+	float theta = (float)c->rope_theta;
+	for (int i = 0; i < d / 2; i++)
+		inv_freq[i] = 1.0f / powf(theta, (float)(2 * i) / (float)d);
+	if (max_seq_len <= c->original_seq_len)
+		return;
+	float low = floorf(correction_dim((float)c->beta_fast, d, theta, c->original_seq_len));
+	float high = ceilf(correction_dim((float)c->beta_slow, d, theta, c->original_seq_len));
+	if (low < 0.0f)
+		low = 0.0f;
+	if (high > (float)(d - 1))
+		high = (float)(d - 1);
+	if (low == high)
+		high += 0.001f;
+	for (int i = 0; i < d / 2; i++) {
+		float ramp = ((float)i - low) / (high - low);
+		ramp = ramp < 0.0f ? 0.0f : ramp > 1.0f ? 1.0f : ramp;
+		inv_freq[i] = inv_freq[i] / (float)c->rope_factor * ramp + inv_freq[i] * (1.0f - ramp);
+	}
+}
+
+/* ---- state ---- */
+
+static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+static int state_alloc(RunState *s, const Config *cf, int n_seqs)
+{
+	const dsv3_config *c = &cf->c;
+	int H = c->n_heads, lora = c->kv_lora_rank, rope = c->qk_rope_head_dim;
+	int hidden = max3(c->inter_dim, c->n_shared_experts * c->moe_inter_dim, c->moe_inter_dim);
+	size_t cache_rows = (size_t)n_seqs * c->n_layers * cf->max_seq_len;
+	int experts = c->n_routed_experts > 0 ? c->n_routed_experts : 1;
+	s->n_seqs = n_seqs;
+	s->x = calloc((size_t)c->dim * 4, sizeof(float));
+	s->xn = s->x + c->dim;
+	s->tmp = s->xn + c->dim;
+	s->moe_out = s->tmp + c->dim;
+	s->q_a = calloc((size_t)(c->q_lora_rank > 0 ? c->q_lora_rank : 1), sizeof(float));
+	s->q = calloc((size_t)H * cf->q_head_dim, sizeof(float));
+	s->kv = calloc((size_t)(lora + rope), sizeof(float));
+	s->attn_out = calloc((size_t)H * c->v_head_dim, sizeof(float));
+	s->h1 = calloc((size_t)hidden * 2, sizeof(float));
+	s->h3 = s->h1 + hidden;
+	s->scores = calloc((size_t)experts * 3 + (size_t)c->n_expert_groups + 1, sizeof(float));
+	s->scores0 = s->scores + experts;
+	s->bias = s->scores0 + experts;
+	s->group_score = s->bias + experts;
+	s->topk = calloc((size_t)(c->n_activated_experts > 0 ? c->n_activated_experts : 1), sizeof(int));
+	s->att_scratch = calloc((size_t)H * (2 * (size_t)lora + cf->max_seq_len), sizeof(float));
+	s->rope_cos = calloc((size_t)rope * 2, sizeof(float));
+	s->rope_sin = s->rope_cos + rope / 2;
+	s->inv_freq = s->rope_sin + rope / 2;
+	s->cache_c = calloc(cache_rows * lora, sizeof(float));
+	s->cache_pe = calloc(cache_rows * rope, sizeof(float));
+	s->logits = calloc((size_t)c->vocab_size, sizeof(float));
+	if (!s->x || !s->q_a || !s->q || !s->kv || !s->attn_out || !s->h1 || !s->scores ||
+	    !s->topk || !s->att_scratch || !s->rope_cos || !s->cache_c || !s->cache_pe || !s->logits)
+		return -1;
+	model_rope_freqs(s->inv_freq, c, cf->max_seq_len);
+	return 0;
+}
+
+static void state_free(RunState *s)
+{
+	free(s->x);
+	free(s->q_a);
+	free(s->q);
+	free(s->kv);
+	free(s->attn_out);
+	free(s->h1);
+	free(s->scores);
+	free(s->topk);
+	free(s->att_scratch);
+	free(s->rope_cos);
+	free(s->cache_c);
+	free(s->cache_pe);
+	free(s->logits);
+	memset(s, 0, sizeof *s);
+}
+
+int model_open(Model *m, const char *dir, int max_seq_len, int n_seqs, int n_threads,
+	       dsv3_error *err)
+{
+	char path[4096];
+	int rc;
+	memset(m, 0, sizeof *m);
+	snprintf(path, sizeof path, "%s/config.json", dir);
+	if ((rc = config_load(&m->config.c, path, err)))
+		return rc;
+	Config *cf = &m->config;
+	cf->max_seq_len = max_seq_len > 0 ? max_seq_len : MODEL_DEFAULT_MAX_SEQ_LEN;
+	cf->q_head_dim = cf->c.qk_nope_head_dim + cf->c.qk_rope_head_dim;
+	cf->softmax_scale = model_softmax_scale(&cf->c, cf->max_seq_len);
+	cf->eps = 1e-6f;
+	if (cf->c.qk_rope_head_dim % 2 || n_seqs < 1)
+		return dsv3_fail(err, DSV3_EDATA, "%s: qk_rope_head_dim %d must be even",
+				 path, cf->c.qk_rope_head_dim);
+	if ((rc = weights_load(&m->weights, &cf->c, dir, err))) {
+		model_close(m);
+		return rc;
+	}
+	m->pool = thread_pool_create(n_threads);
+	if (!m->pool || state_alloc(&m->state, cf, n_seqs)) {
+		model_close(m);
+		return dsv3_fail(err, DSV3_EIO, "%s: out of memory for the state (max_seq_len %d)",
+				 dir, cf->max_seq_len);
+	}
+	return 0;
+}
+
+void model_close(Model *m)
+{
+	weights_free(&m->weights, &m->config.c);
+	state_free(&m->state);
+	if (m->pool)
+		thread_pool_destroy(m->pool);
+	m->pool = NULL;
+}
+
+/* ---- the blocks ---- */
+
+static float *cache_row(float *cache, const Config *cf, int width, int seq, int layer, int pos)
+{
+	size_t row = ((size_t)seq * cf->c.n_layers + layer) * cf->max_seq_len + pos;
+	return cache + row * width;
+}
+
+/* MLA: queries, the new cache entry (c, k_pe), absorbed attention over the cache, wo. */
+static void mla(Model *m, const LayerWeights *lw, int layer, int seq, int pos, float *out)
+{
+	const Config *cf = &m->config;
+	const dsv3_config *c = &cf->c;
+	RunState *s = &m->state;
+	int lora = c->kv_lora_rank, rope = c->qk_rope_head_dim, nope = c->qk_nope_head_dim;
+
+	if (c->q_lora_rank > 0) {
+		op_matvec(m->pool, s->q_a, &lw->wq_a, s->xn);
+		op_rmsnorm(s->q_a, s->q_a, &lw->q_norm, c->q_lora_rank, cf->eps);
+		op_matvec(m->pool, s->q, &lw->wq_b, s->q_a);
+	} else {
+		op_matvec(m->pool, s->q, &lw->wq, s->xn);
+	}
+	for (int h = 0; h < c->n_heads; h++)
+		op_rope(s->q + (size_t)h * cf->q_head_dim + nope, rope, s->rope_cos, s->rope_sin);
+
+	op_matvec(m->pool, s->kv, &lw->wkv_a, s->xn);
+	float *c_new = cache_row(s->cache_c, cf, lora, seq, layer, pos);
+	float *pe_new = cache_row(s->cache_pe, cf, rope, seq, layer, pos);
+	op_rmsnorm(c_new, s->kv, &lw->kv_norm, lora, cf->eps);
+	memcpy(pe_new, s->kv + lora, sizeof(float) * rope);
+	op_rope(pe_new, rope, s->rope_cos, s->rope_sin);
+
+	mla_dims d = { c->n_heads, nope, rope, c->v_head_dim, lora, cf->softmax_scale };
+	op_mla_attention(m->pool, s->attn_out, s->q, &lw->wkv_b,
+			 cache_row(s->cache_c, cf, lora, seq, layer, 0),
+			 cache_row(s->cache_pe, cf, rope, seq, layer, 0), pos + 1, &d, s->att_scratch);
+	op_matvec(m->pool, out, &lw->wo, s->attn_out);
+}
+
+/* MLP: w2(silu(w1 x) * w3 x). */
+static void mlp(Model *m, const weight_view *w1, const weight_view *w2, const weight_view *w3,
+		const float *x, float *out)
+{
+	RunState *s = &m->state;
+	op_matvec(m->pool, s->h1, w1, x);
+	op_matvec(m->pool, s->h3, w3, x);
+	op_silu_mul(s->h1, s->h3, w1->rows);
+	op_matvec(m->pool, out, w2, s->h1);
+}
+
+/* Index of the largest of x[0:n] not yet taken (ties: the lower index, as torch.topk on CPU). */
+static int argmax_free(const float *x, int n, const unsigned char *taken)
+{
+	int best = -1;
+	for (int i = 0; i < n; i++)
+		if (!taken[i] && (best < 0 || x[i] > x[best]))
+			best = i;
+	return best;
+}
+
+/* Gate: scores, bias, group limit, top-k; weights from the unbiased scores. */
+static void gate(Model *m, const LayerWeights *lw, float *weights)
+{
+	const dsv3_config *c = &m->config.c;
+	RunState *s = &m->state;
+	int E = c->n_routed_experts, G = c->n_expert_groups > 0 ? c->n_expert_groups : 1;
+	int per = E / G, has_bias = lw->gate_bias.rows > 0;
+	unsigned char taken[1024];
+
+	op_matvec(m->pool, s->scores, &lw->gate, m->state.xn);
+	if (c->score_sigmoid)
+		for (int e = 0; e < E; e++)
+			s->scores[e] = 1.0f / (1.0f + expf(-s->scores[e]));
+	else
+		op_softmax(s->scores, E);
+	memcpy(s->scores0, s->scores, sizeof(float) * E);
+	if (has_bias) {
+		op_weight_row(s->bias, &lw->gate_bias, 0);
+		op_add_scaled(s->scores, s->bias, 1.0f, E);
+	}
+	if (G > 1) {
+		for (int g = 0; g < G; g++) {
+			memset(taken, 0, (size_t)per);
+			int a = argmax_free(s->scores + g * per, per, taken);
+			float v = s->scores[g * per + a];
+			if (has_bias && per > 1) {
+				taken[a] = 1;
+				v += s->scores[g * per + argmax_free(s->scores + g * per, per, taken)];
+			}
+			s->group_score[g] = v;
+		}
+		memset(taken, 0, (size_t)G);
+		for (int k = 0; k < c->n_limited_groups; k++)
+			taken[argmax_free(s->group_score, G, taken)] = 1;
+		for (int g = 0; g < G; g++)
+			if (!taken[g])
+				for (int e = 0; e < per; e++)
+					s->scores[g * per + e] = -INFINITY;
+	}
+	memset(taken, 0, (size_t)E);
+	for (int k = 0; k < c->n_activated_experts; k++)
+		taken[argmax_free(s->scores, E, taken)] = 1;
+	float sum = 0.0f;
+	int k = 0;
+	for (int e = 0; e < E; e++) /* expert order, as model.py's loop over experts */
+		if (taken[e]) {
+			s->topk[k] = e;
+			weights[k] = s->scores0[e];
+			sum += weights[k++];
+		}
+	for (k = 0; k < c->n_activated_experts; k++)
+		weights[k] = (c->score_sigmoid ? weights[k] / sum : weights[k]) * (float)c->route_scale;
+}
+
+/* MoE: sum_k w_k expert_k(x) + shared_experts(x), into out. */
+static void moe(Model *m, const LayerWeights *lw, float *out)
+{
+	const dsv3_config *c = &m->config.c;
+	RunState *s = &m->state;
+	float weights[256];
+
+	gate(m, lw, weights);
+	memset(s->moe_out, 0, sizeof(float) * c->dim);
+	for (int k = 0; k < c->n_activated_experts; k++) {
+		int e = s->topk[k];
+		mlp(m, &lw->ew1[e], &lw->ew2[e], &lw->ew3[e], s->xn, out);
+		op_add_scaled(s->moe_out, out, weights[k], c->dim);
+	}
+	mlp(m, &lw->w1, &lw->w2, &lw->w3, s->xn, out);
+	for (int i = 0; i < c->dim; i++)
+		out[i] = s->moe_out[i] + out[i];
+}
+
+/* ---- forward ---- */
+
+float *forward(Model *m, int seq, int token, int pos)
+{
+	const Config *cf = &m->config;
+	const dsv3_config *c = &cf->c;
+	RunState *s = &m->state;
+	const Weights *w = &m->weights;
+
+	op_weight_row(s->x, &w->embed, token);
+	for (int i = 0; i < c->qk_rope_head_dim / 2; i++) {
+		float angle = (float)pos * s->inv_freq[i];
+		s->rope_cos[i] = cosf(angle);
+		s->rope_sin[i] = sinf(angle);
+	}
+	for (int l = 0; l < c->n_layers; l++) {
+		const LayerWeights *lw = &w->layers[l];
+		op_rmsnorm(s->xn, s->x, &lw->attn_norm, c->dim, cf->eps);
+		mla(m, lw, l, seq, pos, s->tmp);
+		op_add_scaled(s->x, s->tmp, 1.0f, c->dim);
+		op_rmsnorm(s->xn, s->x, &lw->ffn_norm, c->dim, cf->eps);
+		if (l < c->n_dense_layers)
+			mlp(m, &lw->w1, &lw->w2, &lw->w3, s->xn, s->tmp);
+		else
+			moe(m, lw, s->tmp);
+		op_add_scaled(s->x, s->tmp, 1.0f, c->dim);
+	}
+	op_rmsnorm(s->x, s->x, &w->norm, c->dim, cf->eps);
+	op_matvec(m->pool, s->logits, &w->head, s->x);
+	return s->logits;
+}

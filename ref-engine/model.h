@@ -1,0 +1,85 @@
+/* The DeepSeek-V3 / V2 model on the CPU (DESIGN §4): weights read in place from an HF directory
+ * or from converted model{r}-mp{N} shards, a KV cache of only the compressed latent c and the
+ * rope key k_pe per token, and forward() for one token of one sequence. */
+#ifndef DSV3_MODEL_H
+#define DSV3_MODEL_H
+#include "config.h"
+#include "error.h"
+#include "ops.h"
+#include "threadpool.h"
+
+#define MODEL_DEFAULT_MAX_SEQ_LEN 16384 /* as the official demo */
+
+/* The numbers forward() needs, derived once from dsv3_config and max_seq_len. */
+typedef struct {
+	dsv3_config c;
+	int max_seq_len;
+	int q_head_dim;      /* qk_nope + qk_rope */
+	float softmax_scale; /* with mscale^2 when max_seq_len > original_seq_len */
+	float eps;           /* 1e-6 */
+} Config;
+
+typedef struct {
+	weight_view wq, wq_a, q_norm, wq_b; /* wq when q_lora_rank == 0, else wq_a/q_norm/wq_b */
+	weight_view wkv_a, kv_norm, wkv_b, wo;
+	weight_view attn_norm, ffn_norm;
+	/* Dense MLP (layer < n_dense_layers) or the shared experts. */
+	weight_view w1, w2, w3;
+	weight_view gate, gate_bias; /* gate_bias.rows == 0 when absent */
+	weight_view *ew1, *ew2, *ew3; /* routed experts, n_routed_experts each */
+} LayerWeights;
+
+struct model_files; /* private: the mapped files */
+
+typedef struct {
+	weight_view embed, norm, head;
+	LayerWeights *layers;
+	int has_gate_bias;
+	struct model_files *files;
+} Weights;
+
+/* Preallocated buffers for n_seqs sequences; nothing is allocated per token. */
+typedef struct {
+	int n_seqs;
+	float *x, *xn, *tmp;      /* [dim] */
+	float *q_a, *q;           /* [q_lora], [H * q_head_dim] */
+	float *kv;                /* [lora + rope] */
+	float *attn_out;          /* [H * v] */
+	float *h1, *h3;           /* [max(inter, shared width, moe_inter)] */
+	float *moe_out;           /* [dim] */
+	float *scores, *scores0, *bias; /* [n_routed_experts] */
+	float *group_score;       /* [n_groups] */
+	int *topk;                /* [n_activated] */
+	float *att_scratch;       /* [H * (2 * lora + max_seq_len)] */
+	float *rope_cos, *rope_sin; /* [rope / 2] of the current position */
+	float *inv_freq;          /* [rope / 2], YaRN-corrected */
+	float *cache_c;           /* [n_seqs, n_layers, max_seq_len, lora] */
+	float *cache_pe;          /* [n_seqs, n_layers, max_seq_len, rope] */
+	float *logits;            /* [vocab] */
+} RunState;
+
+typedef struct {
+	Config config;
+	Weights weights;
+	RunState state;
+	thread_pool *pool;
+} Model;
+
+/* Opens a checkpoint directory (HF layout, FP8 or BF16, or converted model{r}-mp{N} shards,
+ * merged on load) with its config.json; allocates the state for n_seqs sequences.
+ * max_seq_len <= 0 means MODEL_DEFAULT_MAX_SEQ_LEN; n_threads <= 0 means all cores.
+ * A missing or misshapen tensor is DSV3_EDATA naming it. */
+int model_open(Model *m, const char *dir, int max_seq_len, int n_seqs, int n_threads,
+	       dsv3_error *err);
+void model_close(Model *m);
+
+/* Feeds `token` at position `pos` of sequence `seq` (positions 0..pos-1 must have been fed);
+ * returns state.logits [vocab] for the next token. */
+float *forward(Model *m, int seq, int token, int pos);
+
+/* The derived numbers of DESIGN §4 (exposed for tests). */
+float model_softmax_scale(const dsv3_config *c, int max_seq_len);
+/* inv_freq[i], i < rope_dim / 2, with YaRN when max_seq_len > original_seq_len. */
+void model_rope_freqs(float *inv_freq, const dsv3_config *c, int max_seq_len);
+
+#endif
