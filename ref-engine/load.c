@@ -57,27 +57,34 @@ static int index_hf(struct model_files *f, dsv3_error *err)
 	return 0;
 }
 
+/* Opens model{r}-mp{N}.safetensors for every r < N, N read from the first name found. */
 static int open_ranks(struct model_files *f, char **names, size_t n, dsv3_error *err)
 {
-	f->mp = (int)n;
-	f->ranks = calloc(n, sizeof *f->ranks);
+	int r0, mp;
+	if (sscanf(names[0], "model%d-mp%d.safetensors", &r0, &mp) != 2 || mp < 1 || mp > 4096)
+		return dsv3_fail(err, DSV3_EDATA, "%s: %s is not a model{r}-mp{N} name", f->dir,
+				 names[0]);
+	f->ranks = calloc((size_t)mp, sizeof *f->ranks);
 	if (!f->ranks)
 		return dsv3_fail(err, DSV3_EIO, "%s: out of memory", f->dir);
-	for (size_t r = 0; r < n; r++) {
+	f->mp = mp;
+	for (int r = 0; r < mp; r++) {
 		char want[64], path[4096];
-		snprintf(want, sizeof want, "model%zu-mp%zu.safetensors", r, n);
-		if (!names || strcmp(names[r], want) != 0 ) {
-			int found = 0;
-			for (size_t i = 0; i < n && !found; i++)
-				found = !strcmp(names[i], want);
-			if (!found)
-				return dsv3_fail(err, DSV3_EDATA, "%s: %s is missing", f->dir, want);
-		}
+		int found = 0;
+		snprintf(want, sizeof want, "model%d-mp%d.safetensors", r, mp);
+		for (size_t i = 0; i < n && !found; i++)
+			found = !strcmp(names[i], want);
+		if (!found)
+			return dsv3_fail(err, DSV3_EDATA, "%s: %s is missing (%zu of %d rank files found)",
+					 f->dir, want, n, mp);
 		snprintf(path, sizeof path, "%s/%s", f->dir, want);
 		int rc = st_open(&f->ranks[r], path, err);
 		if (rc)
 			return rc;
 	}
+	if (n != (size_t)mp)
+		return dsv3_fail(err, DSV3_EDATA, "%s: %zu model*-mp*.safetensors files for mp %d",
+				 f->dir, n, mp);
 	return 0;
 }
 

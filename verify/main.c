@@ -18,6 +18,8 @@ static const verify_command commands[] = {
 	  verify_checksums },
 	{ "ckpt", "structure against config.json: tensors, dtypes, shapes, scale shapes, index",
 	  verify_ckpt },
+	{ "logits", "the engine's logits against a golden file, teacher-forced (CPU)",
+	  verify_logits },
 };
 
 #define N_COMMANDS (sizeof commands / sizeof commands[0])

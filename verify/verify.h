@@ -47,5 +47,6 @@ void shape_text(int ndim, const int64_t *shape, char *buf, size_t len);
 /* Subcommands: argv[0] is the subcommand's name. Return the exit code. */
 int verify_checksums(int argc, char **argv);
 int verify_ckpt(int argc, char **argv);
+int verify_logits(int argc, char **argv);
 
 #endif
