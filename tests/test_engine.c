@@ -321,6 +321,47 @@ static void test_max_seq_len_beyond_original_changes_logits(void **state)
 	free(b);
 }
 
+/* The engine against tests/engine_reference.py (double precision, naive attention, written
+ * from DESIGN §4 without the engine's code): rel-L2 within the CPU limit, same argmax. */
+static void assert_matches_python_reference(const char *dir, const char *root, int max_seq_len)
+{
+	if (run_quiet(NULL, "python3 -c 'import json, struct'") != 0)
+		skip();
+	const char *out = fresh_path(root, "reference.f32");
+	assert_int_equal(run_noting_failure("python3 tests/engine_reference.py %s 5,17,300,2,999,45 %d %s",
+					    dir, max_seq_len, out), 0);
+	size_t len;
+	float *ref = (float *)assert_read_file(out, &len);
+	int V;
+	float *got = run_tokens(dir, max_seq_len, &V);
+	assert_int_equal(len, sizeof(float) * V * N_TOKENS);
+	for (int p = 0; p < N_TOKENS; p++) {
+		const float *r = ref + (size_t)p * V, *g = got + (size_t)p * V;
+		int br = 0, bg = 0;
+		for (int i = 1; i < V; i++) {
+			br = r[i] > r[br] ? i : br;
+			bg = g[i] > g[bg] ? i : bg;
+		}
+		double e = rel_l2(g, r, (size_t)V);
+		if (e > 1e-5 || br != bg)
+			fail_msg("%s position %d: rel-L2 %.3e, argmax %d vs reference %d", dir, p, e, bg, br);
+	}
+	free(ref);
+	free(got);
+}
+
+static void test_v3_fp8_matches_python_reference_with_yarn(void **state)
+{
+	fixture *f = *state;
+	assert_matches_python_reference(f->tiny, f->dir, 16384);
+}
+
+static void test_v2_bf16_matches_python_reference_without_yarn(void **state)
+{
+	fixture *f = *state;
+	assert_matches_python_reference(f->v2, f->dir, 1024);
+}
+
 static void test_missing_rank_file_is_named(void **state)
 {
 	fixture *f = *state;
@@ -347,6 +388,8 @@ int main(void)
 		cmocka_unit_test(test_fp8_and_its_bf16_cast_are_close_not_identical),
 		cmocka_unit_test(test_causal_and_sequences_independent),
 		cmocka_unit_test(test_max_seq_len_beyond_original_changes_logits),
+		cmocka_unit_test(test_v3_fp8_matches_python_reference_with_yarn),
+		cmocka_unit_test(test_v2_bf16_matches_python_reference_without_yarn),
 		cmocka_unit_test(test_missing_rank_file_is_named),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
