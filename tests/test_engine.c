@@ -362,6 +362,64 @@ static void test_v2_bf16_matches_python_reference_without_yarn(void **state)
 	assert_matches_python_reference(f->v2, f->dir, 1024);
 }
 
+/* A golden file (the dsv3-verify logits format) from the Python reference's logits: tokens
+ * 0..5, prompt_len 2, rows = reference positions 1..4; `bump` raises one logit of row 1 so the
+ * argmax changes. */
+static const char *write_golden(const char *root, const float *ref, int V, int bump)
+{
+	enum { P = 2, S = N_TOKENS - 2 };
+	int64_t tok[N_TOKENS];
+	float *rows = malloc(sizeof(float) * V * S);
+	for (int i = 0; i < N_TOKENS; i++)
+		tok[i] = tokens[i];
+	memcpy(rows, ref + (size_t)(P - 1) * V, sizeof(float) * V * S);
+	if (bump)
+		rows[V + 7] += 1000.0f;
+	st_spec specs[2] = { { "c.tokens", ST_I64, 1, { N_TOKENS } },
+			     { "c.logits", ST_F32, 2, { S, V } } };
+	const char *meta[] = { "c.prompt_len", "2", "max_seq_len", "16384", NULL };
+	const char *path = fresh_path(root, bump ? "golden-bad.safetensors" : "golden.safetensors");
+	st_writer *w;
+	dsv3_error err = { 0 };
+	assert_int_equal(st_writer_open(&w, path, specs, 2, meta, &err), 0);
+	for (size_t pos = 0; pos < 2; pos++) {
+		size_t i = st_writer_order(w, pos);
+		if (i == 0)
+			assert_int_equal(st_writer_write(w, tok, sizeof tok, &err), 0);
+		else
+			assert_int_equal(st_writer_write(w, rows, sizeof(float) * V * S, &err), 0);
+	}
+	assert_int_equal(st_writer_finish(w, NULL, &err), 0);
+	free(rows);
+	return path;
+}
+
+static void test_verify_logits_passes_reference_golden_and_fails_a_changed_one(void **state)
+{
+	fixture *f = *state;
+	if (run_quiet(NULL, "python3 -c 'import json, struct'") != 0)
+		skip();
+	const char *out = fresh_path(f->dir, "reference.f32");
+	assert_int_equal(run_noting_failure("python3 tests/engine_reference.py %s 5,17,300,2,999,45 16384 %s",
+					    f->tiny, out), 0);
+	size_t len;
+	float *ref = (float *)assert_read_file(out, &len);
+	int V = (int)(len / sizeof(float) / N_TOKENS);
+	const char *good = write_golden(f->dir, ref, V, 0), *bad = write_golden(f->dir, ref, V, 1);
+	const char *mp2 = convert(f->tiny, f->dir, 2, 16);
+	const char *log = path_in(f->dir, "verify.log");
+	assert_int_equal(run_noting_failure("%s/dsv3-verify logits --ckpt-path %s --golden %s > %s",
+					    bin_dir(), f->tiny, good, log), 0);
+	assert_file_contains(log, "OK   c: rows 4");
+	assert_int_equal(run_noting_failure("%s/dsv3-verify logits --ckpt-path %s --golden %s --threads 1 > /dev/null",
+					    bin_dir(), mp2, good), 0);
+	assert_int_equal(run_shell("%s/dsv3-verify logits --ckpt-path %s --golden %s > %s 2>/dev/null",
+				   bin_dir(), f->tiny, bad, log), DSV3_EDATA);
+	assert_file_contains(log, "FAIL c:");
+	assert_file_contains(log, "top1 3/4");
+	free(ref);
+}
+
 static void test_missing_rank_file_is_named(void **state)
 {
 	fixture *f = *state;
@@ -390,6 +448,7 @@ int main(void)
 		cmocka_unit_test(test_max_seq_len_beyond_original_changes_logits),
 		cmocka_unit_test(test_v3_fp8_matches_python_reference_with_yarn),
 		cmocka_unit_test(test_v2_bf16_matches_python_reference_without_yarn),
+		cmocka_unit_test(test_verify_logits_passes_reference_golden_and_fails_a_changed_one),
 		cmocka_unit_test(test_missing_rank_file_is_named),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
