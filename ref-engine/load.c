@@ -239,9 +239,14 @@ static int load_view(struct model_files *f, weight_view *w, const char *prefix, 
 	if (sum != (w->split_dim == 1 ? cols : rows))
 		goto shape;
 	return 0;
-shape:
-	return dsv3_fail(err, DSV3_EDATA, "%s: tensor %s: shape [%d, %d] expected%s", f->dir, name,
-			 rows, cols, n > 1 ? " (all ranks' pieces together)" : "");
+shape:;
+	const char *file;
+	const st_tensor *t = find(f, n > 1 ? 0 : rank, name, &file);
+	return dsv3_fail(err, DSV3_EDATA, "%s: tensor %s%s%s%s: shape [%d, %d] expected from the config, found [%d, %d]%s",
+			 f->mp ? f->dir : file, name, f->mp ? "" : " (", f->mp ? "" : t->name,
+			 f->mp ? "" : ")", rows, cols, n > 1 && w->split_dim == 1 ? rows : sum,
+			 n > 1 && w->split_dim == 1 ? sum : w->pieces[0].cols,
+			 n > 1 ? " (all ranks' pieces together)" : "");
 }
 
 static int load_mlp(struct model_files *f, weight_view *w1, weight_view *w2, weight_view *w3,

@@ -110,6 +110,29 @@ static void state_free(RunState *s)
 	memset(s, 0, sizeof *s);
 }
 
+/* The limits of this engine's gate (fixed-size scratch) and of the model's own arithmetic. */
+static int check_config(const dsv3_config *c, const char *path, dsv3_error *err)
+{
+	int E = c->n_routed_experts, G = c->n_expert_groups > 0 ? c->n_expert_groups : 1;
+	if (c->qk_rope_head_dim % 2)
+		return dsv3_fail(err, DSV3_EDATA, "%s: qk_rope_head_dim %d must be even", path,
+				 c->qk_rope_head_dim);
+	if (c->n_dense_layers >= c->n_layers)
+		return 0; /* no MoE layer */
+	if (E < 1 || E > 1024 || E % G)
+		return dsv3_fail(err, DSV3_EDATA, "%s: n_routed_experts %d: the engine runs 1..1024, "
+				 "a multiple of n_group %d", path, E, G);
+	if (c->n_limited_groups < 1 || c->n_limited_groups > G)
+		return dsv3_fail(err, DSV3_EDATA, "%s: topk_group %d outside 1..n_group %d", path,
+				 c->n_limited_groups, G);
+	if (c->n_activated_experts < 1 || c->n_activated_experts > 256 ||
+	    c->n_activated_experts > E / G * c->n_limited_groups)
+		return dsv3_fail(err, DSV3_EDATA, "%s: num_experts_per_tok %d: want 1..256 and at most "
+				 "the experts of topk_group groups (%d)", path, c->n_activated_experts,
+				 E / G * c->n_limited_groups);
+	return 0;
+}
+
 int model_open(Model *m, const char *dir, int max_seq_len, int n_seqs, int n_threads,
 	       dsv3_error *err)
 {
@@ -124,9 +147,10 @@ int model_open(Model *m, const char *dir, int max_seq_len, int n_seqs, int n_thr
 	cf->q_head_dim = cf->c.qk_nope_head_dim + cf->c.qk_rope_head_dim;
 	cf->softmax_scale = model_softmax_scale(&cf->c, cf->max_seq_len);
 	cf->eps = 1e-6f;
-	if (cf->c.qk_rope_head_dim % 2 || n_seqs < 1)
-		return dsv3_fail(err, DSV3_EDATA, "%s: qk_rope_head_dim %d must be even",
-				 path, cf->c.qk_rope_head_dim);
+	if (n_seqs < 1)
+		return dsv3_fail(err, DSV3_EUSAGE, "model_open: n_seqs %d < 1", n_seqs);
+	if ((rc = check_config(&cf->c, path, err)))
+		return rc;
 	if ((rc = weights_load(&m->weights, &cf->c, dir, err))) {
 		model_close(m);
 		return rc;

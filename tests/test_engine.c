@@ -433,6 +433,21 @@ static void test_missing_rank_file_is_named(void **state)
 	assert_non_null(strstr(err.msg, "model1-mp2.safetensors"));
 }
 
+/* A config that does not fit the weights: the first tensor that disagrees is named, with both
+ * shapes. */
+static void test_misshapen_tensor_is_named(void **state)
+{
+	fixture *f = *state;
+	const char *bad = fresh_path(f->dir, "bad-shape");
+	assert_int_equal(run_shell("cp -r %s %s && sed -i 's/\"q_lora_rank\": 192/\"q_lora_rank\": 128/' %s/config.json",
+				   f->tiny, bad, bad), 0);
+	Model m;
+	dsv3_error err = { 0 };
+	assert_int_equal(model_open(&m, bad, 64, 1, 1, &err), DSV3_EDATA);
+	assert_non_null(strstr(err.msg, "layers.0.attn.wq_a.weight (model.layers.0.self_attn.q_a_proj.weight)"));
+	assert_non_null(strstr(err.msg, "[128, 256] expected from the config, found [192, 256]"));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -450,6 +465,7 @@ int main(void)
 		cmocka_unit_test(test_v2_bf16_matches_python_reference_without_yarn),
 		cmocka_unit_test(test_verify_logits_passes_reference_golden_and_fails_a_changed_one),
 		cmocka_unit_test(test_missing_rank_file_is_named),
+		cmocka_unit_test(test_misshapen_tensor_is_named),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
