@@ -5,12 +5,13 @@ tests/wip_tokenizer_hf.c; the first is tests/tokenizer_ref.mjs in JS).
 Loads tokenizer.json with tokenizers.Tokenizer.from_file and encodes every case of
 tests/fixtures/tokenizer/corpus.txt with add_special_tokens=False (added tokens inside the text are
 still matched, as always in `tokenizers`), then the file invalid_utf8.bin decoded with
-bytes.decode("utf-8", "replace") (tokenizers takes only valid strings; dsv3 replaces the same way).
+bytes.decode("utf-8", "replace") (tokenizers takes only valid strings; dsv3 replaces the same way),
+then the cases of hf_only.txt (whitespace that the JS reference reads differently).
 Corpus format, as the C and JS readers: one case per line, "#" lines are comments, empty lines are
 skipped, escapes \\n \\r \\t \\\\ and \\u{HEX}.
 
-Output: "#" header lines (tokenizers version, SHA-256 of tokenizer.json, corpus.txt and
-invalid_utf8.bin), then one line of space-separated ids per case, in corpus order.
+Output: "#" header lines (tokenizers version, SHA-256 of tokenizer.json, corpus.txt,
+invalid_utf8.bin and hf_only.txt), then one line of space-separated ids per case, in corpus order.
 
 usage: make_tokenizer_ids.py [--tokenizer DIR] [--fixtures DIR] [--out FILE]
   defaults: .deps/tokenizer, tests/fixtures/tokenizer, golden/tokenizer_ids.txt (run from the repo root)
@@ -35,12 +36,19 @@ def unescape(line):
     return ESCAPE.sub(one, line)
 
 
-def read_cases(fixtures):
-    with open(os.path.join(fixtures, "corpus.txt"), "rb") as f:
+def read_lines(path):
+    with open(path, "rb") as f:
         text = f.read().decode("utf-8")
-    cases = [unescape(l) for l in text.split("\n") if l != "" and not l.startswith("#")]
+    return [unescape(l) for l in text.split("\n") if l != "" and not l.startswith("#")]
+
+
+def read_cases(fixtures):
+    cases = read_lines(os.path.join(fixtures, "corpus.txt"))
     with open(os.path.join(fixtures, "invalid_utf8.bin"), "rb") as f:
         cases.append(f.read().decode("utf-8", "replace"))
+    hf_only = os.path.join(fixtures, "hf_only.txt")
+    if os.path.exists(hf_only):
+        cases += read_lines(hf_only)
     return cases
 
 
@@ -63,13 +71,15 @@ def main():
         f"# corpus.txt sha256 {sha256(os.path.join(a.fixtures, 'corpus.txt'))}",
         f"# invalid_utf8.bin sha256 {sha256(os.path.join(a.fixtures, 'invalid_utf8.bin'))}",
     ]
+    if os.path.exists(os.path.join(a.fixtures, "hf_only.txt")):
+        lines.append(f"# hf_only.txt sha256 {sha256(os.path.join(a.fixtures, 'hf_only.txt'))}")
     for case in read_cases(a.fixtures):
         lines.append(" ".join(str(i) for i in tok.encode(case, add_special_tokens=False).ids))
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, a.out)
-    print(f"{a.out}: {len(lines) - 4} cases")
+    print(f"{a.out}: {sum(not l.startswith('#') for l in lines)} cases")
 
 
 if __name__ == "__main__":
