@@ -640,34 +640,101 @@ static int span_push(span_list *l, size_t off, size_t len)
 	return 0;
 }
 
-/* BPE inside one pre-token: start from its bytes, merge the lowest-ranked adjacent pair (the
- * leftmost among equals) until no pair merges. Quadratic in the pre-token, which is short. */
+/* A possible merge: the pair that starts at symbol pos, with its rank. */
+typedef struct {
+	int32_t rank;
+	uint32_t pos;
+} merge_cand;
+
+static int cand_before(merge_cand a, merge_cand b)
+{
+	return a.rank < b.rank || (a.rank == b.rank && a.pos < b.pos);
+}
+
+static void heap_push(merge_cand *h, size_t *n, merge_cand c)
+{
+	size_t i = (*n)++;
+	while (i > 0 && cand_before(c, h[(i - 1) / 2])) {
+		h[i] = h[(i - 1) / 2];
+		i = (i - 1) / 2;
+	}
+	h[i] = c;
+}
+
+static merge_cand heap_pop(merge_cand *h, size_t *n)
+{
+	merge_cand top = h[0], last = h[--*n];
+	size_t i = 0;
+	for (;;) {
+		size_t c = 2 * i + 1;
+		if (c >= *n)
+			break;
+		if (c + 1 < *n && cand_before(h[c + 1], h[c]))
+			c++;
+		if (!cand_before(h[c], last))
+			break;
+		h[i] = h[c];
+		i = c;
+	}
+	if (*n)
+		h[i] = last;
+	return top;
+}
+
+typedef struct {
+	int32_t *sym;  /* token id of each symbol, -1 once merged into its left neighbour */
+	int32_t *next; /* next live symbol, -1 at the end */
+	int32_t *prev;
+	merge_cand *heap;
+	size_t n_heap;
+} bpe_state;
+
+static void push_pair(const dsv3_tokenizer *tok, bpe_state *b, int32_t i)
+{
+	int32_t merged, r;
+	if (i < 0 || b->next[i] < 0)
+		return;
+	r = pair_rank(&tok->merges, b->sym[i], b->sym[b->next[i]], &merged);
+	if (r >= 0)
+		heap_push(b->heap, &b->n_heap, (merge_cand){ r, (uint32_t)i });
+}
+
+/* BPE inside one pre-token, as HF: start from its bytes and merge the lowest-ranked adjacent
+ * pair (the leftmost among equals) until no pair merges. A heap of candidate pairs, checked
+ * when taken (a pair may have changed since it was pushed): O(n log n) in the pre-token. */
 static int bpe_word(const dsv3_tokenizer *tok, const unsigned char *s, size_t n, id_list *out)
 {
-	int32_t small[256], *sym = n <= 256 ? small : malloc(n * sizeof *sym);
-	if (!sym)
-		return -1;
-	for (size_t i = 0; i < n; i++)
-		sym[i] = tok->byte_id[s[i]];
-	for (;;) {
-		int32_t best = INT32_MAX, best_merged = 0, merged;
-		size_t at = 0;
-		for (size_t i = 0; i + 1 < n; i++) {
-			int32_t r = pair_rank(&tok->merges, sym[i], sym[i + 1], &merged);
-			if (r >= 0 && r < best)
-				best = r, best_merged = merged, at = i;
-		}
-		if (best == INT32_MAX)
-			break;
-		sym[at] = best_merged;
-		memmove(sym + at + 1, sym + at + 2, (n - at - 2) * sizeof *sym);
-		n--;
-	}
+	bpe_state b;
+	int32_t *mem = malloc(n * 3 * sizeof(int32_t) + 3 * n * sizeof(merge_cand));
 	int rc = 0;
-	for (size_t i = 0; i < n && !rc; i++)
-		rc = id_push(out, sym[i]);
-	if (sym != small)
-		free(sym);
+
+	if (!mem)
+		return -1;
+	b.sym = mem, b.next = mem + n, b.prev = mem + 2 * n;
+	b.heap = (merge_cand *)(mem + 3 * n), b.n_heap = 0;
+	for (size_t i = 0; i < n; i++) {
+		b.sym[i] = tok->byte_id[s[i]];
+		b.prev[i] = (int32_t)i - 1;
+		b.next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
+	}
+	for (size_t i = 0; i + 1 < n; i++)
+		push_pair(tok, &b, (int32_t)i);
+	while (b.n_heap) {
+		merge_cand c = heap_pop(b.heap, &b.n_heap);
+		int32_t i = (int32_t)c.pos, j = b.next[i], merged;
+		if (b.sym[i] < 0 || j < 0 || pair_rank(&tok->merges, b.sym[i], b.sym[j], &merged) != c.rank)
+			continue; /* stale: a rank names one pair, so an equal rank is the same pair */
+		b.sym[i] = merged;
+		b.sym[j] = -1;
+		b.next[i] = b.next[j];
+		if (b.next[j] >= 0)
+			b.prev[b.next[j]] = i;
+		push_pair(tok, &b, b.prev[i]);
+		push_pair(tok, &b, i);
+	}
+	for (int32_t i = n ? 0 : -1; i >= 0 && !rc; i = b.next[i])
+		rc = id_push(out, b.sym[i]);
+	free(mem);
 	return rc;
 }
 

@@ -261,6 +261,39 @@ static void test_decode_of_encode_gives_the_text_back(void **state)
 	tokenizer_close(tok);
 }
 
+/* Long runs make pre-tokens of thousands of bytes (the BPE heap path): they still round trip,
+ * and 3000 digits are 1000 groups of three ("\p{N}{1,3}"), each one token. */
+static void test_long_runs_encode_and_round_trip(void **state)
+{
+	(void)state;
+	dsv3_tokenizer *tok = open_tok();
+	size_t n = 0, n_ids, len;
+	char *text = malloc(64000), *back;
+	int32_t *ids;
+	dsv3_error err = { 0 };
+	assert_non_null(text);
+	memset(text, ' ', 20000), n += 20000;
+	memset(text + n, 'a', 20000), n += 20000;
+	memset(text + n, '7', 3000), n += 3000;
+	for (int i = 0; i < 2000; i++, n += 4)
+		memcpy(text + n, "\xF0\x9F\x98\x80", 4);
+	assert_int_equal(tokenizer_encode(tok, text, n, 0, &ids, &n_ids, &err), DSV3_OK);
+	size_t sevens = 0;
+	for (size_t i = 0; i < n_ids; i++) {
+		size_t bl;
+		const char *b = tokenizer_id_bytes(tok, ids[i], &bl);
+		sevens += bl == 3 && !memcmp(b, "777", 3);
+	}
+	assert_int_equal(sevens, 1000);
+	assert_int_equal(tokenizer_decode(tok, ids, n_ids, &back, &len, &err), DSV3_OK);
+	assert_int_equal(len, n);
+	assert_memory_equal(back, text, n);
+	free(back);
+	free(ids);
+	free(text);
+	tokenizer_close(tok);
+}
+
 /* Pushing ids one by one, the text so far is always a prefix of the whole text that ends on a
  * character boundary (the next byte is not a continuation byte), and some pushes must hold
  * bytes back (the corpus has characters split across tokens). */
@@ -465,6 +498,7 @@ int main(void)
 		cmocka_unit_test(test_encode_matches_js_reference_on_corpus),
 		cmocka_unit_test(test_byte_map_round_trips_all_256_bytes),
 		cmocka_unit_test(test_decode_of_encode_gives_the_text_back),
+		cmocka_unit_test(test_long_runs_encode_and_round_trip),
 		cmocka_unit_test(test_stream_decoder_never_emits_a_partial_character),
 		cmocka_unit_test(test_stream_decoder_finishes_a_cut_character_as_replacement),
 		cmocka_unit_test(test_invalid_utf8_is_replaced_like_python_replace),
