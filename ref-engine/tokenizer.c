@@ -34,6 +34,7 @@ struct dsv3_tokenizer {
 	pair_map merges;
 	added_token *added;
 	size_t n_added;
+	unsigned char added_starts[256]; /* 1 for a byte that some added token starts with */
 	pcre2_code *splits[MAX_SPLITS];
 	size_t n_splits;
 	int32_t bos, eos;
@@ -381,6 +382,7 @@ static int load_added(dsv3_tokenizer *tok, json_t *added, const int16_t cp_byte[
 		t->len = strlen(content);
 		t->id = (int32_t)json_integer_value(json_object_get(a, "id"));
 		t->normalized = json_is_true(json_object_get(a, "normalized"));
+		tok->added_starts[(unsigned char)content[0]] = 1;
 		if (!t->content || set_id_text(tok, t->id, content, cp_byte))
 			return dsv3_fail(err, DSV3_EIO, "%s: out of memory", file);
 	}
@@ -795,6 +797,8 @@ static const added_token *find_added(const dsv3_tokenizer *tok, const char *text
 {
 	for (size_t p = from; p < to; p++) {
 		const added_token *best = NULL;
+		if (!tok->added_starts[(unsigned char)text[p]])
+			continue;
 		for (size_t i = 0; i < tok->n_added; i++) {
 			const added_token *t = &tok->added[i];
 			if (t->normalized != normalized || t->content[0] != text[p] || t->len > to - p ||
