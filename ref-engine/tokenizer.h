@@ -80,7 +80,8 @@ typedef struct {
 	const char *content;
 } chat_turn;
 
-/* Returns the malloc'ed prompt text for turns, or NULL when out of memory. */
+/* Returns the malloc'ed prompt text for turns, or NULL when out of memory. The text already
+ * starts with the BOS token: encode it with add_bos 0. */
 char *chat_format_prompt(const chat_turn *turns, size_t n);
 
 #endif
