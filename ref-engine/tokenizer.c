@@ -34,7 +34,10 @@ struct dsv3_tokenizer {
 	pair_map merges;
 	added_token *added;
 	size_t n_added;
-	unsigned char added_starts[256]; /* 1 for a byte that some added token starts with */
+	/* Where an added token may start, so that most positions need no comparison: the first
+	 * byte of one-byte tokens, and a bit per first two bytes of the others. */
+	unsigned char added_single[256];
+	uint8_t added_pair[65536 / 8];
 	pcre2_code *splits[MAX_SPLITS];
 	size_t n_splits;
 	int32_t bos, eos;
@@ -382,7 +385,12 @@ static int load_added(dsv3_tokenizer *tok, json_t *added, const int16_t cp_byte[
 		t->len = strlen(content);
 		t->id = (int32_t)json_integer_value(json_object_get(a, "id"));
 		t->normalized = json_is_true(json_object_get(a, "normalized"));
-		tok->added_starts[(unsigned char)content[0]] = 1;
+		if (t->len == 1) {
+			tok->added_single[(unsigned char)content[0]] = 1;
+		} else {
+			unsigned pair = (unsigned char)content[0] << 8 | (unsigned char)content[1];
+			tok->added_pair[pair / 8] |= (uint8_t)(1u << (pair % 8));
+		}
 		if (!t->content || set_id_text(tok, t->id, content, cp_byte))
 			return dsv3_fail(err, DSV3_EIO, "%s: out of memory", file);
 	}
@@ -791,13 +799,19 @@ static int encode_plain(const dsv3_tokenizer *tok, const char *text, span piece,
 	return rc;
 }
 
+static int added_may_start(const dsv3_tokenizer *tok, const char *s, size_t left)
+{
+	unsigned pair = left >= 2 ? (unsigned char)s[0] << 8 | (unsigned char)s[1] : 0;
+	return tok->added_single[(unsigned char)s[0]] || (left >= 2 && tok->added_pair[pair / 8] >> (pair % 8) & 1);
+}
+
 /* The leftmost, then longest, added token of the given kind in text[from, to). */
 static const added_token *find_added(const dsv3_tokenizer *tok, const char *text, size_t from, size_t to,
 				     int normalized, size_t *at)
 {
 	for (size_t p = from; p < to; p++) {
 		const added_token *best = NULL;
-		if (!tok->added_starts[(unsigned char)text[p]])
+		if (!added_may_start(tok, text + p, to - p))
 			continue;
 		for (size_t i = 0; i < tok->n_added; i++) {
 			const added_token *t = &tok->added[i];
