@@ -1,0 +1,665 @@
+/* dsv3-generate: text generation with the reference engine, with the official demo's flags
+ * (generate.py: --ckpt-path --config --interactive --input-file --max-new-tokens --temperature)
+ * plus --max-seq-len --seed --device --threads --dump-logits --tokenizer. */
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli.h"
+#include "error.h"
+#include "model.h"
+#include "safetensors.h"
+#include "sampling.h"
+#include "tokenizer.h"
+
+#define PROG "dsv3-generate"
+
+typedef struct {
+	const char *ckpt, *config, *input_file, *dump_logits, *tokenizer, *device;
+	int interactive, max_new, max_seq_len, threads;
+	float temperature;
+	uint64_t seed;
+} options;
+
+/* One sequence of a run: its tokens (prompt then generated) and its sampler. */
+typedef struct {
+	int32_t *tokens; /* [max_seq_len] */
+	int n_prompt, n_gen, done;
+	float *logits;   /* [vocab]: the next token's logits */
+	float *dump;     /* [max_new, vocab] when --dump-logits */
+	sampler smp;
+} sequence;
+
+typedef struct {
+	Model m;
+	dsv3_tokenizer *tok;
+	const options *o;
+	int vocab;
+	float *probs; /* [vocab] sampling scratch */
+	double prefill_s, decode_s;
+	long prefill_n, decode_n;
+} engine;
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: " PROG " --ckpt-path DIR (--input-file FILE | --interactive) [options]\n"
+		"Generates text with the CPU reference engine from a DeepSeek-V3/V2 checkpoint (an HF\n"
+		"directory, FP8 or BF16, or converted model{r}-mp{N} shards), in DeepSeek-V3's chat format.\n"
+		"  --ckpt-path DIR       checkpoint directory (with config.json)\n"
+		"  --config FILE         accepted for the official demo's command lines; must have the same\n"
+		"                        content as DIR/config.json, which is what the engine reads\n"
+		"  --input-file FILE     one prompt per line (empty lines skipped), all run as one batch;\n"
+		"                        each is a user turn; prints Prompt:/Completion: per prompt\n"
+		"  --interactive         chat on stdin, answers streamed; /clear resets, /exit quits\n"
+		"  --max-new-tokens N    tokens to generate per answer (default 200)\n"
+		"  --temperature T       0 = greedy; else the demo's sampling (default 0.2, as generate.py)\n"
+		"  --max-seq-len N       KV cache length; also switches YaRN (default %d, as the demo)\n"
+		"  --seed S              sampling seed, unsigned 64-bit (default 0)\n"
+		"  --device cpu|cuda     cpu (default); cuda is not built yet\n"
+		"  --threads N           worker threads (default: all cores)\n"
+		"  --dump-logits FILE    safetensors with seq{i}.logits F32 [steps, vocab] and seq{i}.tokens\n"
+		"                        I64 [steps] of every generated step (batch mode)\n"
+		"  --tokenizer DIR       tokenizer.json and tokenizer_config.json (default: --ckpt-path)\n"
+		"  --help, --version\n"
+		"Prefill and decode tokens/s are printed on stderr.\n",
+		MODEL_DEFAULT_MAX_SEQ_LEN);
+}
+
+static int parse_float(const char *s, const char *flag, float *out, dsv3_error *err)
+{
+	char *end;
+	errno = 0;
+	float v = strtof(s, &end);
+	if (errno || end == s || *end || !(v >= 0) || isinf(v))
+		return dsv3_fail(err, DSV3_EUSAGE, "%s: '%s' is not a number >= 0", flag, s);
+	*out = v;
+	return DSV3_OK;
+}
+
+static int parse_u64(const char *s, const char *flag, uint64_t *out, dsv3_error *err)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || end == s || *end || *s == '-')
+		return dsv3_fail(err, DSV3_EUSAGE, "%s: '%s' is not an unsigned 64-bit integer", flag, s);
+	*out = v;
+	return DSV3_OK;
+}
+
+static int check_options(options *o, dsv3_error *err)
+{
+	if (!o->ckpt)
+		return dsv3_fail(err, DSV3_EUSAGE, "--ckpt-path DIR is required (try --help)");
+	if (!o->input_file == !o->interactive)
+		return dsv3_fail(err, DSV3_EUSAGE, "give exactly one of --input-file FILE and --interactive");
+	if (!strcmp(o->device, "cuda"))
+		return dsv3_fail(err, DSV3_EUSAGE, "--device cuda: the CUDA backend is not built yet; use --device cpu");
+	if (strcmp(o->device, "cpu"))
+		return dsv3_fail(err, DSV3_EUSAGE, "--device: unknown device '%s' (cpu or cuda)", o->device);
+	if (o->dump_logits && o->interactive)
+		return dsv3_fail(err, DSV3_EUSAGE, "--dump-logits works with --input-file only");
+	if (!o->tokenizer)
+		o->tokenizer = o->ckpt;
+	return DSV3_OK;
+}
+
+/* Returns 0 to run, -1 when --help/--version answered, or an error code. */
+static int parse_options(int argc, char **argv, options *o, dsv3_error *err)
+{
+	static const struct option longopts[] = {
+		{ "ckpt-path", required_argument, 0, 'c' },	 { "config", required_argument, 0, 'C' },
+		{ "interactive", no_argument, 0, 'i' },		 { "input-file", required_argument, 0, 'f' },
+		{ "max-new-tokens", required_argument, 0, 'n' }, { "temperature", required_argument, 0, 'T' },
+		{ "max-seq-len", required_argument, 0, 'L' },	 { "seed", required_argument, 0, 's' },
+		{ "device", required_argument, 0, 'D' },	 { "threads", required_argument, 0, 't' },
+		{ "dump-logits", required_argument, 0, 'd' },	 { "tokenizer", required_argument, 0, 'k' },
+		{ "help", no_argument, 0, 'h' },		 { "version", no_argument, 0, 'V' },
+		{ 0, 0, 0, 0 },
+	};
+	int c, rc = 0;
+	while (!rc && (c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'c': o->ckpt = optarg; break;
+		case 'C': o->config = optarg; break;
+		case 'i': o->interactive = 1; break;
+		case 'f': o->input_file = optarg; break;
+		case 'n': rc = cli_parse_int(optarg, "--max-new-tokens", 1, 1 << 30, &o->max_new, err); break;
+		case 'T': rc = parse_float(optarg, "--temperature", &o->temperature, err); break;
+		case 'L': rc = cli_parse_int(optarg, "--max-seq-len", 1, 1 << 30, &o->max_seq_len, err); break;
+		case 's': rc = parse_u64(optarg, "--seed", &o->seed, err); break;
+		case 'D': o->device = optarg; break;
+		case 't': rc = cli_parse_int(optarg, "--threads", 1, 4096, &o->threads, err); break;
+		case 'd': o->dump_logits = optarg; break;
+		case 'k': o->tokenizer = optarg; break;
+		case 'h': usage(stdout); return -1;
+		case 'V': cli_print_version(PROG); return -1;
+		default: return cli_bad_option(argv, err);
+		}
+	}
+	if (!rc)
+		rc = cli_no_operands(argc, argv, err);
+	return rc ? rc : check_options(o, err);
+}
+
+/* Whole file into a malloc'ed NUL-terminated buffer. */
+static int read_file(const char *path, char **out, size_t *len, dsv3_error *err)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return dsv3_fail_errno(err, "%s: cannot open", path);
+	size_t cap = 4096, n = 0, r;
+	char *buf = malloc(cap + 1);
+	while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
+		n += r;
+		if (n == cap) {
+			char *b = realloc(buf, 2 * cap + 1);
+			if (!b)
+				free(buf);
+			buf = b, cap *= 2;
+		}
+	}
+	int bad = !buf || ferror(f);
+	fclose(f);
+	if (bad) {
+		free(buf);
+		return dsv3_fail_errno(err, "%s: cannot read", path);
+	}
+	buf[n] = 0;
+	*out = buf, *len = n;
+	return DSV3_OK;
+}
+
+/* The engine reads DIR/config.json; --config is only accepted when it says the same. */
+static int check_config_flag(const options *o, dsv3_error *err)
+{
+	if (!o->config)
+		return DSV3_OK;
+	char path[4096], *a = NULL, *b = NULL;
+	size_t na, nb;
+	snprintf(path, sizeof path, "%s/config.json", o->ckpt);
+	int rc = read_file(o->config, &a, &na, err);
+	if (!rc)
+		rc = read_file(path, &b, &nb, err);
+	if (!rc && (na != nb || memcmp(a, b, na)))
+		rc = dsv3_fail(err, DSV3_EUSAGE, "--config %s differs from %s, which is the config the engine uses",
+			       o->config, path);
+	free(a);
+	free(b);
+	return rc;
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void print_speed(const engine *e)
+{
+	fprintf(stderr, "prefill: %ld tokens in %.3f s (%.1f tokens/s); decode: %ld tokens in %.3f s (%.1f tokens/s)\n",
+		e->prefill_n, e->prefill_s, e->prefill_s > 0 ? e->prefill_n / e->prefill_s : 0.0, e->decode_n,
+		e->decode_s, e->decode_s > 0 ? e->decode_n / e->decode_s : 0.0);
+}
+
+/* Feeds tokens[from .. n_prompt) of sequence i; keeps the last logits. */
+static void prefill(engine *e, int i, sequence *s, int from)
+{
+	double t0 = now_s();
+	float *logits = NULL;
+	for (int p = from; p < s->n_prompt; p++)
+		logits = forward(&e->m, i, s->tokens[p], p);
+	if (logits)
+		memcpy(s->logits, logits, sizeof(float) * (size_t)e->vocab);
+	e->prefill_s += now_s() - t0;
+	e->prefill_n += s->n_prompt - from;
+}
+
+/* Samples the next token of sequence i from its logits and, unless it ends the sequence, feeds
+ * it. Returns the token. */
+static int32_t step(engine *e, int i, sequence *s)
+{
+	const options *o = e->o;
+	int32_t t = sample_token(&s->smp, s->logits, e->vocab, o->temperature, e->probs);
+	if (s->dump)
+		memcpy(s->dump + (size_t)s->n_gen * e->vocab, s->logits, sizeof(float) * (size_t)e->vocab);
+	int pos = s->n_prompt + s->n_gen;
+	s->tokens[pos] = t;
+	s->n_gen++;
+	if (t == tokenizer_eos_id(e->tok) || s->n_gen == o->max_new || pos + 1 == e->m.config.max_seq_len) {
+		s->done = 1;
+		return t;
+	}
+	double t0 = now_s();
+	memcpy(s->logits, forward(&e->m, i, t, pos), sizeof(float) * (size_t)e->vocab);
+	e->decode_s += now_s() - t0;
+	e->decode_n++;
+	return t;
+}
+
+/* Appends to (*buf, *len, *cap) the text of id; ids the tokenizer lacks (vocab padding that
+ * random weights can pick) come out as U+FFFD. */
+static int push_text(engine *e, tokenizer_stream *st, int32_t id, char **buf, size_t *len, size_t *cap,
+		     dsv3_error *err)
+{
+	if (id >= 0 && id < tokenizer_n_ids(e->tok))
+		return tokenizer_stream_push(e->tok, st, id, buf, len, cap, err);
+	int rc = tokenizer_stream_finish(st, buf, len, cap, err);
+	if (rc)
+		return rc;
+	if (*len + 4 > *cap) {
+		size_t c = 2 * *cap + 8;
+		char *b = realloc(*buf, c);
+		if (!b)
+			return dsv3_fail(err, DSV3_EIO, "out of memory");
+		*buf = b, *cap = c;
+	}
+	memcpy(*buf + *len, "\xef\xbf\xbd", 4);
+	*len += 3;
+	return DSV3_OK;
+}
+
+/* The text of the generated tokens of s, EOS excluded. */
+static int completion_text(engine *e, const sequence *s, char **out, dsv3_error *err)
+{
+	tokenizer_stream st = { 0 };
+	size_t len = 0, cap = 0;
+	*out = NULL;
+	int rc = 0;
+	for (int k = 0; !rc && k < s->n_gen; k++) {
+		int32_t t = s->tokens[s->n_prompt + k];
+		if (t != tokenizer_eos_id(e->tok))
+			rc = push_text(e, &st, t, out, &len, &cap, err);
+	}
+	if (!rc)
+		rc = tokenizer_stream_finish(&st, out, &len, &cap, err);
+	if (!rc && !*out)
+		*out = calloc(1, 1);
+	return rc;
+}
+
+static int encode_chat(engine *e, const chat_turn *turns, size_t n, int32_t **ids, size_t *n_ids, dsv3_error *err)
+{
+	char *text = chat_format_prompt(turns, n);
+	if (!text)
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	int rc = tokenizer_encode(e->tok, text, strlen(text), 0, ids, n_ids, err);
+	free(text);
+	return rc;
+}
+
+static int check_prompt_len(engine *e, size_t n, int which, dsv3_error *err)
+{
+	if (n < (size_t)e->m.config.max_seq_len)
+		return DSV3_OK;
+	return dsv3_fail(err, DSV3_EDATA,
+			 "prompt %d is %zu tokens in the chat format, but --max-seq-len is %d (it must be longer than the prompt)",
+			 which, n, e->m.config.max_seq_len);
+}
+
+static void engine_close(engine *e)
+{
+	free(e->probs);
+	model_close(&e->m);
+	tokenizer_close(e->tok);
+}
+
+static int engine_open(engine *e, const options *o, int n_seqs, dsv3_error *err)
+{
+	memset(e, 0, sizeof *e);
+	e->o = o;
+	int rc = tokenizer_open(&e->tok, o->tokenizer, err);
+	if (rc)
+		return rc;
+	rc = model_open(&e->m, o->ckpt, o->max_seq_len, n_seqs, o->threads, err);
+	if (rc) {
+		tokenizer_close(e->tok);
+		return rc;
+	}
+	e->vocab = e->m.config.c.vocab_size;
+	e->probs = malloc(sizeof(float) * (size_t)e->vocab);
+	if (!e->probs)
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory");
+	else if (tokenizer_n_ids(e->tok) > e->vocab)
+		rc = dsv3_fail(err, DSV3_EDATA, "%s: the tokenizer has %d ids but the checkpoint's vocab_size is %d",
+			       o->tokenizer, (int)tokenizer_n_ids(e->tok), e->vocab);
+	if (rc)
+		engine_close(e);
+	return rc;
+}
+
+static int seq_alloc(sequence *s, const engine *e, int dump)
+{
+	s->tokens = malloc(sizeof(int32_t) * (size_t)e->m.config.max_seq_len);
+	s->logits = malloc(sizeof(float) * (size_t)e->vocab);
+	s->dump = dump ? malloc(sizeof(float) * (size_t)e->o->max_new * e->vocab) : NULL;
+	return s->tokens && s->logits && (!dump || s->dump);
+}
+
+static void seq_free(sequence *s)
+{
+	free(s->tokens);
+	free(s->logits);
+	free(s->dump);
+}
+
+/* ---- batch mode ---- */
+
+/* Splits the file into its non-empty lines (trailing \r and \n removed), in place. */
+static int read_prompts(const char *path, char **buf, char ***lines, int *n, dsv3_error *err)
+{
+	size_t len;
+	int rc = read_file(path, buf, &len, err);
+	if (rc)
+		return rc;
+	*n = 0;
+	*lines = malloc(sizeof(char *) * (len / 1 + 1));
+	if (!*lines)
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	for (char *p = *buf, *nl; p && *p; p = nl ? nl + 1 : NULL) {
+		nl = strchr(p, '\n');
+		if (nl)
+			*nl = 0;
+		size_t l = strlen(p);
+		while (l && p[l - 1] == '\r')
+			p[--l] = 0;
+		if (l)
+			(*lines)[(*n)++] = p;
+	}
+	if (!*n)
+		return dsv3_fail(err, DSV3_EDATA, "%s: no prompts (one per line)", path);
+	return DSV3_OK;
+}
+
+static int write_dump(engine *e, sequence *seqs, int n, dsv3_error *err)
+{
+	st_spec *specs = calloc(2 * (size_t)n, sizeof *specs);
+	char (*names)[32] = calloc(2 * (size_t)n, sizeof *names);
+	int64_t *tok64 = malloc(sizeof(int64_t) * (size_t)e->o->max_new);
+	st_writer *w = NULL;
+	int rc = specs && names && tok64 ? 0 : dsv3_fail(err, DSV3_EIO, "out of memory");
+	for (int i = 0; !rc && i < n; i++) {
+		snprintf(names[2 * i], 32, "seq%d.logits", i);
+		snprintf(names[2 * i + 1], 32, "seq%d.tokens", i);
+		specs[2 * i] = (st_spec){ names[2 * i], ST_F32, 2, { seqs[i].n_gen, e->vocab } };
+		specs[2 * i + 1] = (st_spec){ names[2 * i + 1], ST_I64, 1, { seqs[i].n_gen } };
+	}
+	if (!rc)
+		rc = st_writer_open(&w, e->o->dump_logits, specs, 2 * (size_t)n, NULL, err);
+	for (size_t pos = 0; !rc && pos < 2 * (size_t)n; pos++) {
+		size_t k = st_writer_order(w, pos);
+		sequence *s = &seqs[k / 2];
+		if (k % 2 == 0) {
+			rc = st_writer_write(w, s->dump, sizeof(float) * (size_t)s->n_gen * e->vocab, err);
+			continue;
+		}
+		for (int j = 0; j < s->n_gen; j++)
+			tok64[j] = s->tokens[s->n_prompt + j];
+		rc = st_writer_write(w, tok64, sizeof(int64_t) * (size_t)s->n_gen, err);
+	}
+	if (!rc)
+		rc = st_writer_finish(w, NULL, err);
+	else
+		st_writer_abort(w);
+	free(specs);
+	free(names);
+	free(tok64);
+	return rc;
+}
+
+/* Encodes each prompt as one user turn into its sequence. */
+static int batch_setup(engine *e, char **lines, sequence *seqs, int n, dsv3_error *err)
+{
+	for (int i = 0; i < n; i++) {
+		sequence *s = &seqs[i];
+		if (!seq_alloc(s, e, e->o->dump_logits != NULL))
+			return dsv3_fail(err, DSV3_EIO, "out of memory");
+		sampler_init(&s->smp, e->o->seed, i);
+		chat_turn turn = { CHAT_USER, lines[i] };
+		int32_t *ids;
+		size_t n_ids;
+		int rc = encode_chat(e, &turn, 1, &ids, &n_ids, err);
+		if (!rc)
+			rc = check_prompt_len(e, n_ids, i + 1, err);
+		if (!rc) {
+			memcpy(s->tokens, ids, sizeof(int32_t) * n_ids);
+			s->n_prompt = (int)n_ids;
+		}
+		free(ids);
+		if (rc)
+			return rc;
+	}
+	return DSV3_OK;
+}
+
+/* All sequences step together, one token each per round, until each has ended. */
+static void batch_generate(engine *e, sequence *seqs, int n)
+{
+	for (int i = 0; i < n; i++)
+		prefill(e, i, &seqs[i], 0);
+	for (int active = n; active;) {
+		active = 0;
+		for (int i = 0; i < n; i++) {
+			if (seqs[i].done)
+				continue;
+			step(e, i, &seqs[i]);
+			active += !seqs[i].done;
+		}
+	}
+}
+
+static int batch_print(engine *e, char **lines, sequence *seqs, int n, dsv3_error *err)
+{
+	for (int i = 0; i < n; i++) {
+		char *text;
+		int rc = completion_text(e, &seqs[i], &text, err);
+		if (rc)
+			return rc;
+		printf("Prompt: %s\nCompletion: %s\n\n", lines[i], text);
+		free(text);
+	}
+	return fflush(stdout) ? dsv3_fail_errno(err, "stdout: cannot write") : DSV3_OK;
+}
+
+static int run_batch(const options *o, dsv3_error *err)
+{
+	char *buf = NULL, **lines = NULL;
+	int n = 0;
+	engine e;
+	sequence *seqs = NULL;
+	int rc = read_prompts(o->input_file, &buf, &lines, &n, err);
+	if (rc || (rc = engine_open(&e, o, n, err)))
+		goto out_prompts;
+	seqs = calloc((size_t)n, sizeof *seqs);
+	rc = seqs ? batch_setup(&e, lines, seqs, n, err) : dsv3_fail(err, DSV3_EIO, "out of memory");
+	if (!rc) {
+		batch_generate(&e, seqs, n);
+		rc = batch_print(&e, lines, seqs, n, err);
+		print_speed(&e);
+	}
+	if (!rc && o->dump_logits)
+		rc = write_dump(&e, seqs, n, err);
+	for (int i = 0; seqs && i < n; i++)
+		seq_free(&seqs[i]);
+	free(seqs);
+	engine_close(&e);
+out_prompts:
+	free(lines);
+	free(buf);
+	return rc;
+}
+
+/* ---- interactive mode ---- */
+
+typedef struct {
+	chat_turn *turns;
+	char **owned; /* the contents, malloc'ed */
+	size_t n, cap;
+} conversation;
+
+static int conv_add(conversation *c, enum chat_role role, char *content)
+{
+	if (c->n == c->cap) {
+		size_t cap = 2 * c->cap + 8;
+		chat_turn *t = realloc(c->turns, cap * sizeof *t);
+		if (t)
+			c->turns = t;
+		char **o = realloc(c->owned, cap * sizeof *o);
+		if (o)
+			c->owned = o;
+		if (!t || !o)
+			return -1;
+		c->cap = cap;
+	}
+	c->owned[c->n] = content;
+	c->turns[c->n++] = (chat_turn){ role, content };
+	return 0;
+}
+
+static void conv_clear(conversation *c)
+{
+	for (size_t i = 0; i < c->n; i++)
+		free(c->owned[i]);
+	c->n = 0;
+}
+
+/* Streams the answer to the conversation so far; s->tokens[0 .. n_cached) is what the cache of
+ * sequence 0 already holds, so only the new part of the prompt is fed. */
+static int answer(engine *e, sequence *s, int *n_cached, const int32_t *ids, size_t n_ids, char **text,
+		  dsv3_error *err)
+{
+	int same = 0;
+	while (same < *n_cached && (size_t)same < n_ids && s->tokens[same] == ids[same])
+		same++;
+	/* The last prompt token is always fed, for its logits. */
+	if ((size_t)same == n_ids)
+		same--;
+	memcpy(s->tokens, ids, sizeof(int32_t) * n_ids);
+	s->n_prompt = (int)n_ids, s->n_gen = 0, s->done = 0;
+	prefill(e, 0, s, same);
+	tokenizer_stream st = { 0 };
+	size_t len = 0, cap = 0, shown = 0;
+	*text = NULL;
+	int rc = 0;
+	while (!rc && !s->done) {
+		int32_t t = step(e, 0, s);
+		if (t == tokenizer_eos_id(e->tok))
+			break;
+		rc = push_text(e, &st, t, text, &len, &cap, err);
+		if (s->done && !rc)
+			rc = tokenizer_stream_finish(&st, text, &len, &cap, err);
+		if (!rc && len > shown) {
+			fwrite(*text + shown, 1, len - shown, stdout);
+			fflush(stdout);
+			shown = len;
+		}
+	}
+	/* The cache holds every fed token: the prompt and the generated ones but the last. */
+	*n_cached = s->n_prompt + s->n_gen - 1;
+	if (!rc && !*text)
+		*text = calloc(1, 1);
+	return rc;
+}
+
+static int chat_turn_run(engine *e, conversation *c, sequence *s, int *n_cached, dsv3_error *err)
+{
+	int32_t *ids;
+	size_t n_ids;
+	char *text = NULL;
+	int rc = encode_chat(e, c->turns, c->n, &ids, &n_ids, err);
+	if (!rc)
+		rc = check_prompt_len(e, n_ids, (int)(c->n + 1) / 2, err);
+	if (!rc)
+		rc = answer(e, s, n_cached, ids, n_ids, &text, err);
+	free(ids);
+	printf("\n");
+	fflush(stdout);
+	print_speed(e);
+	if (!rc && conv_add(c, CHAT_ASSISTANT, text)) {
+		free(text);
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory");
+	}
+	if (rc)
+		free(text);
+	return rc;
+}
+
+static int interact(engine *e, sequence *s, dsv3_error *err)
+{
+	conversation c = { 0 };
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n = 0;
+	int n_cached = 0, rc = 0;
+	while (!rc) {
+		printf(">>> ");
+		fflush(stdout);
+		if ((n = getline(&line, &cap, stdin)) < 0)
+			break;
+		while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+			line[--n] = 0;
+		if (!strcmp(line, "/exit"))
+			break;
+		if (!strcmp(line, "/clear")) {
+			conv_clear(&c);
+			continue;
+		}
+		if (!n)
+			continue;
+		char *content = strdup(line);
+		if (!content || conv_add(&c, CHAT_USER, content)) {
+			free(content);
+			rc = dsv3_fail(err, DSV3_EIO, "out of memory");
+			break;
+		}
+		e->prefill_s = e->decode_s = 0, e->prefill_n = e->decode_n = 0;
+		rc = chat_turn_run(e, &c, s, &n_cached, err);
+	}
+	if (n < 0)
+		printf("\n");
+	free(line);
+	conv_clear(&c);
+	free(c.turns);
+	free(c.owned);
+	return rc;
+}
+
+static int run_interactive(const options *o, dsv3_error *err)
+{
+	engine e;
+	sequence s = { 0 };
+	int rc = engine_open(&e, o, 1, err);
+	if (rc)
+		return rc;
+	if (!seq_alloc(&s, &e, 0))
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory");
+	sampler_init(&s.smp, o->seed, 0);
+	if (!rc)
+		rc = interact(&e, &s, err);
+	seq_free(&s);
+	engine_close(&e);
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	options o = {
+		.device = "cpu", .max_new = 200, .temperature = 0.2f, .max_seq_len = MODEL_DEFAULT_MAX_SEQ_LEN,
+	};
+	dsv3_error err = { 0 };
+	int rc = parse_options(argc, argv, &o, &err);
+	if (rc < 0)
+		return 0;
+	if (!rc)
+		rc = check_config_flag(&o, &err);
+	if (!rc)
+		rc = o.interactive ? run_interactive(&o, &err) : run_batch(&o, &err);
+	return rc ? dsv3_report(PROG, &err) : 0;
+}
