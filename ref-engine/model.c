@@ -309,7 +309,8 @@ static void moe(Model *m, const LayerWeights *lw, float *out)
 
 /* ---- forward ---- */
 
-float *forward(Model *m, int seq, int token, int pos)
+/* The blocks over one token: the residual stream s->x after the last layer, the cache filled. */
+static void forward_blocks(Model *m, int seq, int token, int pos)
 {
 	const Config *cf = &m->config;
 	const dsv3_config *c = &cf->c;
@@ -334,7 +335,18 @@ float *forward(Model *m, int seq, int token, int pos)
 			moe(m, lw, s->tmp);
 		op_add_scaled(s->x, s->tmp, 1.0f, c->dim);
 	}
-	op_rmsnorm(s->x, s->x, &w->norm, c->dim, cf->eps);
-	op_matvec(m->pool, s->logits, &w->head, s->x);
+}
+
+void forward_no_logits(Model *m, int seq, int token, int pos)
+{
+	forward_blocks(m, seq, token, pos);
+}
+
+float *forward(Model *m, int seq, int token, int pos)
+{
+	RunState *s = &m->state;
+	forward_blocks(m, seq, token, pos);
+	op_rmsnorm(s->x, s->x, &m->weights.norm, m->config.c.dim, m->config.eps);
+	op_matvec(m->pool, s->logits, &m->weights.head, s->x);
 	return s->logits;
 }

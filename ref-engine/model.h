@@ -76,6 +76,8 @@ void model_close(Model *m);
 /* Feeds `token` at position `pos` of sequence `seq` (positions 0..pos-1 must have been fed);
  * returns state.logits [vocab] for the next token. */
 float *forward(Model *m, int seq, int token, int pos);
+/* The same without the head: for prompt tokens whose next-token logits nobody reads. */
+void forward_no_logits(Model *m, int seq, int token, int pos);
 
 /* The derived numbers of DESIGN §4 (exposed for tests). */
 float model_softmax_scale(const dsv3_config *c, int max_seq_len);

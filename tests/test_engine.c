@@ -283,8 +283,8 @@ static void test_fp8_and_its_bf16_cast_are_close_not_identical(void **state)
 	free(b);
 }
 
-/* Two sequences in one state: the logits at position t depend on tokens[0..t] only, and one
- * sequence's cache never leaks into the other's. */
+/* Two sequences in one state: the logits at position t depend on tokens[0..t] only, one
+ * sequence's cache never leaks into the other's, and a sequence can be restarted. */
 static void test_causal_and_sequences_independent(void **state)
 {
 	fixture *f = *state;
@@ -302,6 +302,11 @@ static void test_causal_and_sequences_independent(void **state)
 		else
 			assert_memory_not_equal(a + (size_t)p * V, b, sizeof(float) * V);
 	}
+	/* Prompt positions fed without the head leave the same state behind. */
+	for (int p = 0; p < N_TOKENS - 1; p++)
+		forward_no_logits(&m, 1, tokens[p], p);
+	assert_memory_equal(a + (size_t)(N_TOKENS - 1) * V,
+			    forward(&m, 1, tokens[N_TOKENS - 1], N_TOKENS - 1), sizeof(float) * V);
 	model_close(&m);
 	int V2;
 	float *alone = run_tokens(f->tiny, 256, &V2);
