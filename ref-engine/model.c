@@ -136,10 +136,18 @@ static int check_config(const dsv3_config *c, const char *path, dsv3_error *err)
 int model_open(Model *m, const char *dir, int max_seq_len, int n_seqs, int n_threads,
 	       dsv3_error *err)
 {
+	return model_open_config(m, dir, NULL, max_seq_len, n_seqs, n_threads, err);
+}
+
+int model_open_config(Model *m, const char *dir, const char *config_path, int max_seq_len,
+		      int n_seqs, int n_threads, dsv3_error *err)
+{
 	char path[4096];
 	int rc;
 	memset(m, 0, sizeof *m);
-	snprintf(path, sizeof path, "%s/config.json", dir);
+	snprintf(path, sizeof path, "%s", config_path ? config_path : "");
+	if (!config_path)
+		snprintf(path, sizeof path, "%s/config.json", dir);
 	if ((rc = config_load(&m->config.c, path, err)))
 		return rc;
 	Config *cf = &m->config;

@@ -71,6 +71,10 @@ typedef struct {
  * A missing or misshapen tensor is DSV3_EDATA naming it. */
 int model_open(Model *m, const char *dir, int max_seq_len, int n_seqs, int n_threads,
 	       dsv3_error *err);
+/* The same with the config read from config_path (an HF config.json or the official demo's
+ * config, e.g. config_671B.json) instead of DIR/config.json; NULL means DIR/config.json. */
+int model_open_config(Model *m, const char *dir, const char *config_path, int max_seq_len,
+		      int n_seqs, int n_threads, dsv3_error *err);
 void model_close(Model *m);
 
 /* Feeds `token` at position `pos` of sequence `seq` (positions 0..pos-1 must have been fed);

@@ -485,6 +485,32 @@ static void test_golden_logits_on_every_layout(void **state)
 		skip();
 }
 
+/* The official demo's flow: converted shards with the demo's config format given apart (its
+ * keys, model.py's defaults); the logits are those of the HF directory, bit for bit. */
+static void test_demo_config_with_converted_shards(void **state)
+{
+	fixture *f = *state;
+	const char *mp2 = convert(f->tiny, f->dir, 2, 16);
+	const char *cfg = fresh_path(f->dir, "config_tiny.json");
+	write_text_file(cfg, "{\"vocab_size\": 1024, \"dim\": 256, \"inter_dim\": 512, "
+			     "\"moe_inter_dim\": 256, \"n_layers\": 3, \"n_dense_layers\": 1, "
+			     "\"n_heads\": 8, \"n_routed_experts\": 16, \"n_shared_experts\": 2, "
+			     "\"n_activated_experts\": 4, \"n_expert_groups\": 4, "
+			     "\"n_limited_groups\": 2, \"route_scale\": 2.5, \"score_func\": \"sigmoid\", "
+			     "\"q_lora_rank\": 192, \"kv_lora_rank\": 128, \"qk_nope_head_dim\": 64, "
+			     "\"qk_rope_head_dim\": 64, \"v_head_dim\": 64, \"dtype\": \"fp8\"}\n");
+	int V;
+	float *ref = run_tokens(f->tiny, 16384, &V);
+	Model m;
+	dsv3_error err = { 0 };
+	if (model_open_config(&m, mp2, cfg, 16384, 1, 2, &err))
+		fail_msg("%s", err.msg);
+	for (int p = 0; p < N_TOKENS; p++)
+		assert_memory_equal(forward(&m, 0, tokens[p], p), ref + (size_t)p * V, sizeof(float) * V);
+	model_close(&m);
+	free(ref);
+}
+
 /* A config that does not fit the weights: the first tensor that disagrees is named, with both
  * shapes. */
 static void test_misshapen_tensor_is_named(void **state)
@@ -517,6 +543,7 @@ int main(void)
 		cmocka_unit_test(test_v2_bf16_matches_python_reference_without_yarn),
 		cmocka_unit_test(test_verify_logits_passes_reference_golden_and_fails_a_changed_one),
 		cmocka_unit_test(test_golden_logits_on_every_layout),
+		cmocka_unit_test(test_demo_config_with_converted_shards),
 		cmocka_unit_test(test_missing_rank_file_is_named),
 		cmocka_unit_test(test_misshapen_tensor_is_named),
 	};
