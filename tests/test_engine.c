@@ -511,6 +511,19 @@ static void test_demo_config_with_converted_shards(void **state)
 	free(ref);
 }
 
+static void test_verify_logits_usage(void **state)
+{
+	(void)state;
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-verify logits --help", bin_dir()), 0);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-verify logits --golden x", bin_dir()), DSV3_EUSAGE);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-verify logits --ckpt-path x --golden y --device cuda",
+				   bin_dir()), DSV3_EUSAGE);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-verify logits --ckpt-path x --golden y extra",
+				   bin_dir()), DSV3_EUSAGE);
+	assert_int_equal(run_quiet(NULL, "%s/dsv3-verify logits --ckpt-path /nonexistent --golden /nonexistent",
+				   bin_dir()), DSV3_EIO);
+}
+
 /* A config that does not fit the weights: the first tensor that disagrees is named, with both
  * shapes. */
 static void test_misshapen_tensor_is_named(void **state)
@@ -544,6 +557,7 @@ int main(void)
 		cmocka_unit_test(test_verify_logits_passes_reference_golden_and_fails_a_changed_one),
 		cmocka_unit_test(test_golden_logits_on_every_layout),
 		cmocka_unit_test(test_demo_config_with_converted_shards),
+		cmocka_unit_test(test_verify_logits_usage),
 		cmocka_unit_test(test_missing_rank_file_is_named),
 		cmocka_unit_test(test_misshapen_tensor_is_named),
 	};

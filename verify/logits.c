@@ -23,13 +23,14 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " VERIFY_PROG " logits --ckpt-path DIR --golden FILE [--max-seq-len N]\n"
-		"                          [--threads T] [--verbose]\n"
+		"                          [--device cpu] [--threads T] [--verbose]\n"
 		"Runs the engine teacher-forced over every case of a golden file and compares its\n"
 		"logits with the reference's: per case the worst row's max abs error, relative L2\n"
 		"error and KL(ref||ours), and top-1 agreement.\n"
 		"  --ckpt-path DIR    checkpoint (HF FP8/BF16 or converted model{r}-mp{N} shards)\n"
 		"  --golden FILE      golden safetensors file\n"
 		"  --max-seq-len N    engine max_seq_len (default: the golden file's max_seq_len)\n"
+		"  --device cpu       the backend (only cpu in this build)\n"
 		"  --threads T        worker threads (default: all cores)\n"
 		"  --verbose          one line per row\n"
 		"  --help, --version\n"
@@ -160,6 +161,7 @@ static int parse_args(int argc, char **argv, const char **ckpt, const char **gol
 		{ "golden", required_argument, NULL, 'g' },
 		{ "max-seq-len", required_argument, NULL, 'm' },
 		{ "threads", required_argument, NULL, 't' },
+		{ "device", required_argument, NULL, 'd' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
@@ -168,13 +170,18 @@ static int parse_args(int argc, char **argv, const char **ckpt, const char **gol
 	dsv3_error err = { 0 };
 	int c, rc = 0;
 	*done = 0;
-	while (!rc && (c = getopt_long(argc, argv, "c:g:m:t:vhV", longopts, NULL)) != -1) {
+	while (!rc && (c = getopt_long(argc, argv, "c:g:m:t:d:vhV", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'c': *ckpt = optarg; break;
 		case 'g': *golden = optarg; break;
 		case 'm': rc = cli_parse_int(optarg, "--max-seq-len", 1, 1 << 24, max_seq, &err); break;
 		case 't': rc = cli_parse_int(optarg, "--threads", 1, 4096, threads, &err); break;
 		case 'v': *verbose = 1; break;
+		case 'd':
+			if (strcmp(optarg, "cpu"))
+				rc = dsv3_fail(&err, DSV3_EUSAGE, "--device %s: this build has only cpu",
+					       optarg);
+			break;
 		case 'h': usage(stdout); *done = 1; return 0;
 		case 'V': cli_print_version(VERIFY_PROG); *done = 1; return 0;
 		default: rc = cli_bad_option(argv, &err);
