@@ -550,9 +550,8 @@ static int answer(engine *e, sequence *s, int *n_cached, const int32_t *ids, siz
 	int rc = 0;
 	while (!rc && !s->done) {
 		int32_t t = step(e, 0, s);
-		if (t == tokenizer_eos_id(e->tok))
-			break;
-		rc = push_text(e, &st, t, text, &len, &cap, err);
+		if (t != tokenizer_eos_id(e->tok))
+			rc = push_text(e, &st, t, text, &len, &cap, err);
 		if (s->done && !rc)
 			rc = tokenizer_stream_finish(&st, text, &len, &cap, err);
 		if (!rc && len > shown) {
