@@ -399,6 +399,29 @@ static const char *write_golden(const char *root, const float *ref, int V, int b
 	return path;
 }
 
+/* Group-limited routing without a bias ranks groups by their max (DESIGN §4): tiny-v2 with its
+ * 16 experts in 4 groups, 2 kept, against the Python reference. */
+static void test_v2_group_limited_routing_matches_python_reference(void **state)
+{
+	fixture *f = *state;
+	const char *cfg = fresh_path(f->dir, "v2-groups.json");
+	const char *dir = fresh_path(f->dir, "v2-groups");
+	assert_int_equal(run_noting_failure("sed 's/\"n_group\": 1,/\"n_group\": 4,/; "
+					    "s/\"topk_group\": 1,/\"topk_group\": 2,/; "
+					    "s/\"greedy\"/\"group_limited_greedy\"/' %s/config.json > %s",
+					    f->v2, cfg), 0);
+	assert_true(file_contains(cfg, "\"n_group\": 4,"));
+	assert_int_equal(run_noting_failure("%s/dsv3-synth --config %s --seed 5 --out %s > /dev/null",
+					    bin_dir(), cfg, dir), 0);
+	Model m;
+	dsv3_error err = { 0 };
+	assert_int_equal(model_open(&m, dir, 64, 1, 1, &err), 0);
+	assert_int_equal(m.config.c.n_expert_groups, 4);
+	assert_int_equal(m.weights.has_gate_bias, 0);
+	model_close(&m);
+	assert_matches_python_reference(dir, f->dir, 16384);
+}
+
 static void test_verify_logits_passes_reference_golden_and_fails_a_changed_one(void **state)
 {
 	fixture *f = *state;
@@ -554,6 +577,7 @@ int main(void)
 		cmocka_unit_test(test_max_seq_len_beyond_original_changes_logits),
 		cmocka_unit_test(test_v3_fp8_matches_python_reference_with_yarn),
 		cmocka_unit_test(test_v2_bf16_matches_python_reference_without_yarn),
+		cmocka_unit_test(test_v2_group_limited_routing_matches_python_reference),
 		cmocka_unit_test(test_verify_logits_passes_reference_golden_and_fails_a_changed_one),
 		cmocka_unit_test(test_golden_logits_on_every_layout),
 		cmocka_unit_test(test_demo_config_with_converted_shards),
