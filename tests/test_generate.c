@@ -179,6 +179,36 @@ static void test_generate_same_seed_same_text_other_seed_differs(void **state)
 		free(text[k]);
 }
 
+/* The demo decodes with skip_special_tokens=True. With these arguments random weights draw
+ * ids in [128000, 128800): the "special" added tokens <｜place▁holder▁no▁N｜> of DeepSeek-V3's
+ * tokenizer.json; none of them is printed. */
+static void test_generate_does_not_print_special_tokens(void **state)
+{
+	(void)state;
+	const char *in = path_in(g_dir, "special.txt");
+	write_prompts(in, prompts, 3);
+	char args[512];
+	snprintf(args, sizeof args, "--input-file %s --temperature 1 --seed 5 --max-new-tokens 40 --dump-logits %s",
+		 in, path_in(g_dir, "special.st"));
+	const char *out = path_in(g_dir, "special.out");
+	assert_int_equal(gen(args, out, "/dev/null"), 0);
+	st_file f;
+	assert_int_equal(st_open(&f, path_in(g_dir, "special.st"), &st_err), 0);
+	int n_special = 0;
+	for (int i = 0; i < 3; i++) {
+		const st_tensor *t = find(&f, "seq%d.tokens", i);
+		const int64_t *tok = (const int64_t *)t->data;
+		for (int64_t s = 0; s < t->shape[0]; s++)
+			n_special += tok[s] >= 128000 && tok[s] < 128800;
+	}
+	st_close(&f);
+	assert_true(n_special > 0);
+	char *text = assert_read_file(out, NULL);
+	assert_null(strstr(text, "place\xe2\x96\x81holder"));
+	assert_null(strstr(text, "<\xef\xbd\x9c"));
+	free(text);
+}
+
 static void test_generate_prompt_longer_than_max_seq_len_exits_2(void **state)
 {
 	(void)state;
@@ -311,6 +341,7 @@ int main(void)
 		cmocka_unit_test(test_generate_batch_gives_each_prompt_the_completion_it_gets_alone),
 		cmocka_unit_test(test_generate_dumped_logits_argmax_is_each_greedy_token),
 		cmocka_unit_test(test_generate_same_seed_same_text_other_seed_differs),
+		cmocka_unit_test(test_generate_does_not_print_special_tokens),
 		cmocka_unit_test(test_generate_prompt_longer_than_max_seq_len_exits_2),
 		cmocka_unit_test(test_generate_interactive_two_turns_then_exit),
 		cmocka_unit_test(test_generate_interactive_clear_and_eof),

@@ -3,6 +3,7 @@
  * plus --max-seq-len --seed --device --threads --dump-logits --tokenizer. */
 #include <errno.h>
 #include <getopt.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -41,6 +42,7 @@ typedef struct {
 	const options *o;
 	int vocab;
 	float *probs; /* [vocab] sampling scratch */
+	unsigned char *special; /* [tokenizer ids]: 1 for "special" added tokens, not printed */
 	double prefill_s, decode_s;
 	long prefill_n, decode_n;
 } engine;
@@ -244,11 +246,13 @@ static int32_t step(engine *e, int i, sequence *s)
 	return t;
 }
 
-/* Appends to (*buf, *len, *cap) the text of id; ids the tokenizer lacks (vocab padding that
- * random weights can pick) come out as U+FFFD. */
+/* Appends to (*buf, *len, *cap) the text of id: nothing for a special token (EOS included), and
+ * U+FFFD for ids the tokenizer lacks (vocab padding that random weights can pick). */
 static int push_text(engine *e, tokenizer_stream *st, int32_t id, char **buf, size_t *len, size_t *cap,
 		     dsv3_error *err)
 {
+	if (id >= 0 && id < tokenizer_n_ids(e->tok) && e->special[id])
+		return DSV3_OK;
 	if (id >= 0 && id < tokenizer_n_ids(e->tok))
 		return tokenizer_stream_push(e->tok, st, id, buf, len, cap, err);
 	int rc = tokenizer_stream_finish(st, buf, len, cap, err);
@@ -266,7 +270,7 @@ static int push_text(engine *e, tokenizer_stream *st, int32_t id, char **buf, si
 	return DSV3_OK;
 }
 
-/* The text of the generated tokens of s, EOS excluded. */
+/* The text of the generated tokens of s, special tokens (EOS) excluded. */
 static int completion_text(engine *e, const sequence *s, char **out, dsv3_error *err)
 {
 	tokenizer_stream st = { 0 };
@@ -274,9 +278,7 @@ static int completion_text(engine *e, const sequence *s, char **out, dsv3_error 
 	*out = NULL;
 	int rc = 0;
 	for (int k = 0; !rc && k < s->n_gen; k++) {
-		int32_t t = s->tokens[s->n_prompt + k];
-		if (t != tokenizer_eos_id(e->tok))
-			rc = push_text(e, &st, t, out, &len, &cap, err);
+		rc = push_text(e, &st, s->tokens[s->n_prompt + k], out, &len, &cap, err);
 	}
 	if (!rc)
 		rc = tokenizer_stream_finish(&st, out, &len, &cap, err);
@@ -304,9 +306,33 @@ static int check_prompt_len(engine *e, size_t n, int which, dsv3_error *err)
 			 which, n, e->m.config.max_seq_len);
 }
 
+/* Marks the added tokens of DIR/tokenizer.json that say "special": true; the demo decodes with
+ * skip_special_tokens=True, so they are not printed. */
+static int load_special(engine *e, const char *dir, dsv3_error *err)
+{
+	char path[4096];
+	snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+	json_error_t jerr;
+	json_t *root = json_load_file(path, 0, &jerr);
+	if (!root)
+		return dsv3_fail(err, DSV3_EDATA, "%s: %s", path, jerr.text);
+	int n = tokenizer_n_ids(e->tok);
+	e->special = calloc((size_t)n, 1);
+	json_t *added = json_object_get(root, "added_tokens"), *t;
+	size_t i;
+	json_array_foreach(added, i, t) {
+		json_int_t id = json_integer_value(json_object_get(t, "id"));
+		if (e->special && id >= 0 && id < n && json_is_true(json_object_get(t, "special")))
+			e->special[id] = 1;
+	}
+	json_decref(root);
+	return e->special ? DSV3_OK : dsv3_fail(err, DSV3_EIO, "out of memory");
+}
+
 static void engine_close(engine *e)
 {
 	free(e->probs);
+	free(e->special);
 	model_close(&e->m);
 	tokenizer_close(e->tok);
 }
@@ -318,8 +344,14 @@ static int engine_open(engine *e, const options *o, int n_seqs, dsv3_error *err)
 	int rc = tokenizer_open(&e->tok, o->tokenizer, err);
 	if (rc)
 		return rc;
+	rc = load_special(e, o->tokenizer, err);
+	if (rc) {
+		tokenizer_close(e->tok);
+		return rc;
+	}
 	rc = model_open(&e->m, o->ckpt, o->max_seq_len, n_seqs, o->threads, err);
 	if (rc) {
+		free(e->special);
 		tokenizer_close(e->tok);
 		return rc;
 	}
@@ -549,9 +581,7 @@ static int answer(engine *e, sequence *s, int *n_cached, const int32_t *ids, siz
 	*text = NULL;
 	int rc = 0;
 	while (!rc && !s->done) {
-		int32_t t = step(e, 0, s);
-		if (t != tokenizer_eos_id(e->tok))
-			rc = push_text(e, &st, t, text, &len, &cap, err);
+		rc = push_text(e, &st, step(e, 0, s), text, &len, &cap, err);
 		if (s->done && !rc)
 			rc = tokenizer_stream_finish(&st, text, &len, &cap, err);
 		if (!rc && len > shown) {
