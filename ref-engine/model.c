@@ -55,6 +55,39 @@ void model_rope_freqs(float *inv_freq, const dsv3_config *c, int max_seq_len)
 
 static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
+static int chunk_alloc(RunState *s, const Config *cf, int hidden)
+{
+	const dsv3_config *c = &cf->c;
+	size_t B = PREFILL_CHUNK, dim = (size_t)c->dim, K = (size_t)(c->n_activated_experts > 0 ? c->n_activated_experts : 1);
+	size_t qa = (size_t)(c->q_lora_rank > 0 ? c->q_lora_rank : 1);
+	size_t q = (size_t)c->n_heads * cf->q_head_dim, kv = (size_t)(c->kv_lora_rank + c->qk_rope_head_dim);
+	size_t att = (size_t)c->n_heads * c->v_head_dim, half = (size_t)c->qk_rope_head_dim / 2;
+	size_t total = B * (6 * dim + qa + q + kv + att + 2 * (size_t)hidden + 2 * half + K);
+	float *f = calloc(total, sizeof(float));
+	s->chunk.topk = calloc(B * (K + 1), sizeof(int));
+	if (!f || !s->chunk.topk) {
+		free(f);
+		return -1;
+	}
+	s->chunk.x = f;
+	s->chunk.xn = s->chunk.x + B * dim;
+	s->chunk.tmp = s->chunk.xn + B * dim;
+	s->chunk.moe_out = s->chunk.tmp + B * dim;
+	s->chunk.gx = s->chunk.moe_out + B * dim;
+	s->chunk.gout = s->chunk.gx + B * dim;
+	s->chunk.q_a = s->chunk.gout + B * dim;
+	s->chunk.q = s->chunk.q_a + B * qa;
+	s->chunk.kv = s->chunk.q + B * q;
+	s->chunk.attn_out = s->chunk.kv + B * kv;
+	s->chunk.h1 = s->chunk.attn_out + B * att;
+	s->chunk.h3 = s->chunk.h1 + B * hidden;
+	s->chunk.cos_a = s->chunk.h3 + B * hidden;
+	s->chunk.sin_a = s->chunk.cos_a + B * half;
+	s->chunk.weights = s->chunk.sin_a + B * half;
+	s->chunk.rows = s->chunk.topk + B * K;
+	return 0;
+}
+
 static int state_alloc(RunState *s, const Config *cf, int n_seqs)
 {
 	const dsv3_config *c = &cf->c;
@@ -85,6 +118,8 @@ static int state_alloc(RunState *s, const Config *cf, int n_seqs)
 	s->cache_c = calloc(cache_rows * lora, sizeof(float));
 	s->cache_pe = calloc(cache_rows * rope, sizeof(float));
 	s->logits = calloc((size_t)c->vocab_size, sizeof(float));
+	if (chunk_alloc(s, cf, hidden))
+		return -1;
 	if (!s->x || !s->q_a || !s->q || !s->kv || !s->attn_out || !s->h1 || !s->scores ||
 	    !s->topk || !s->att_scratch || !s->rope_cos || !s->cache_c || !s->cache_pe || !s->logits)
 		return -1;
@@ -107,6 +142,8 @@ static void state_free(RunState *s)
 	free(s->cache_c);
 	free(s->cache_pe);
 	free(s->logits);
+	free(s->chunk.x);
+	free(s->chunk.topk);
 	memset(s, 0, sizeof *s);
 }
 
@@ -243,7 +280,7 @@ static int argmax_free(const float *x, int n, const unsigned char *taken)
 }
 
 /* Gate: scores, bias, group limit, top-k; weights from the unbiased scores. */
-static void gate(Model *m, const LayerWeights *lw, float *weights)
+static void gate(Model *m, const LayerWeights *lw, const float *x, int *topk, float *weights)
 {
 	const dsv3_config *c = &m->config.c;
 	RunState *s = &m->state;
@@ -251,7 +288,7 @@ static void gate(Model *m, const LayerWeights *lw, float *weights)
 	int per = E / G, has_bias = lw->gate_bias.rows > 0;
 	unsigned char taken[1024];
 
-	op_matvec(m->pool, s->scores, &lw->gate, m->state.xn);
+	op_matvec(m->pool, s->scores, &lw->gate, x);
 	if (c->score_sigmoid)
 		for (int e = 0; e < E; e++)
 			s->scores[e] = 1.0f / (1.0f + expf(-s->scores[e]));
@@ -288,7 +325,7 @@ static void gate(Model *m, const LayerWeights *lw, float *weights)
 	int k = 0;
 	for (int e = 0; e < E; e++) /* expert order, as model.py's loop over experts */
 		if (taken[e]) {
-			s->topk[k] = e;
+			topk[k] = e;
 			weights[k] = s->scores0[e];
 			sum += weights[k++];
 		}
@@ -303,7 +340,7 @@ static void moe(Model *m, const LayerWeights *lw, float *out)
 	RunState *s = &m->state;
 	float weights[256];
 
-	gate(m, lw, weights);
+	gate(m, lw, s->xn, s->topk, weights);
 	memset(s->moe_out, 0, sizeof(float) * c->dim);
 	for (int k = 0; k < c->n_activated_experts; k++) {
 		int e = s->topk[k];
@@ -355,6 +392,145 @@ float *forward(Model *m, int seq, int token, int pos)
 	RunState *s = &m->state;
 	forward_blocks(m, seq, token, pos);
 	op_rmsnorm(s->x, s->x, &m->weights.norm, m->config.c.dim, m->config.eps);
+	op_matvec(m->pool, s->logits, &m->weights.head, s->x);
+	return s->logits;
+}
+
+/* ---- a chunk of prompt tokens at once ---- */
+
+/* MLP over n rows of X into OUT (both [n, dim]). */
+static void mlp_chunk(Model *m, const weight_view *w1, const weight_view *w2, const weight_view *w3,
+		      const float *x, int n, float *out)
+{
+	RunState *s = &m->state;
+	op_matmul(m->pool, s->chunk.h1, w1, x, n);
+	op_matmul(m->pool, s->chunk.h3, w3, x, n);
+	op_silu_mul(s->chunk.h1, s->chunk.h3, w1->rows * n);
+	op_matmul(m->pool, out, w2, s->chunk.h1, n);
+}
+
+static void mla_chunk(Model *m, const LayerWeights *lw, int layer, int seq, int pos, int n)
+{
+	const Config *cf = &m->config;
+	const dsv3_config *c = &cf->c;
+	RunState *s = &m->state;
+	int lora = c->kv_lora_rank, rope = c->qk_rope_head_dim, nope = c->qk_nope_head_dim;
+	int qw = c->n_heads * cf->q_head_dim, kvw = lora + rope, half = rope / 2;
+
+	if (c->q_lora_rank > 0) {
+		op_matmul(m->pool, s->chunk.q_a, &lw->wq_a, s->chunk.xn, n);
+		for (int b = 0; b < n; b++) {
+			float *qa = s->chunk.q_a + (size_t)b * c->q_lora_rank;
+			op_rmsnorm(qa, qa, &lw->q_norm, c->q_lora_rank, cf->eps);
+		}
+		op_matmul(m->pool, s->chunk.q, &lw->wq_b, s->chunk.q_a, n);
+	} else {
+		op_matmul(m->pool, s->chunk.q, &lw->wq, s->chunk.xn, n);
+	}
+	op_matmul(m->pool, s->chunk.kv, &lw->wkv_a, s->chunk.xn, n);
+	for (int b = 0; b < n; b++) {
+		const float *cs = s->chunk.cos_a + (size_t)b * half, *sn = s->chunk.sin_a + (size_t)b * half;
+		const float *kv = s->chunk.kv + (size_t)b * kvw;
+		float *q = s->chunk.q + (size_t)b * qw;
+		for (int h = 0; h < c->n_heads; h++)
+			op_rope(q + (size_t)h * cf->q_head_dim + nope, rope, cs, sn);
+		float *c_new = cache_row(s->cache_c, cf, lora, seq, layer, pos + b);
+		float *pe_new = cache_row(s->cache_pe, cf, rope, seq, layer, pos + b);
+		op_rmsnorm(c_new, kv, &lw->kv_norm, lora, cf->eps);
+		memcpy(pe_new, kv + lora, sizeof(float) * rope);
+		op_rope(pe_new, rope, cs, sn);
+	}
+	mla_dims d = { c->n_heads, nope, rope, c->v_head_dim, lora, cf->softmax_scale };
+	for (int b = 0; b < n; b++) /* causal: token b sees the cache up to its own position */
+		op_mla_attention(m->pool, s->chunk.attn_out + (size_t)b * c->n_heads * c->v_head_dim,
+				 s->chunk.q + (size_t)b * qw, &lw->wkv_b,
+				 cache_row(s->cache_c, cf, lora, seq, layer, 0),
+				 cache_row(s->cache_pe, cf, rope, seq, layer, 0), pos + b + 1, &d,
+				 s->att_scratch);
+	op_matmul(m->pool, s->chunk.tmp, &lw->wo, s->chunk.attn_out, n);
+}
+
+/* Routes every token, then runs each expert once over the tokens sent to it (in expert order,
+ * as moe() adds them), then the shared experts. */
+static void moe_chunk(Model *m, const LayerWeights *lw, int n)
+{
+	const dsv3_config *c = &m->config.c;
+	RunState *s = &m->state;
+	int K = c->n_activated_experts, dim = c->dim;
+
+	for (int b = 0; b < n; b++)
+		gate(m, lw, s->chunk.xn + (size_t)b * dim, s->chunk.topk + (size_t)b * K,
+		     s->chunk.weights + (size_t)b * K);
+	memset(s->chunk.moe_out, 0, sizeof(float) * dim * n);
+	for (int e = 0; e < c->n_routed_experts; e++) {
+		int g = 0;
+		for (int b = 0; b < n; b++)
+			for (int k = 0; k < K; k++)
+				if (s->chunk.topk[b * K + k] == e) {
+					s->chunk.rows[g] = b * K + k;
+					memcpy(s->chunk.gx + (size_t)g++ * dim, s->chunk.xn + (size_t)b * dim,
+					       sizeof(float) * dim);
+				}
+		if (!g)
+			continue;
+		mlp_chunk(m, &lw->ew1[e], &lw->ew2[e], &lw->ew3[e], s->chunk.gx, g, s->chunk.gout);
+		for (int i = 0; i < g; i++) {
+			int b = s->chunk.rows[i] / K;
+			op_add_scaled(s->chunk.moe_out + (size_t)b * dim, s->chunk.gout + (size_t)i * dim,
+				      s->chunk.weights[s->chunk.rows[i]], dim);
+		}
+	}
+	mlp_chunk(m, &lw->w1, &lw->w2, &lw->w3, s->chunk.xn, n, s->chunk.tmp);
+	for (int i = 0; i < dim * n; i++)
+		s->chunk.tmp[i] = s->chunk.moe_out[i] + s->chunk.tmp[i];
+}
+
+static void forward_chunk(Model *m, int seq, const int *tokens, int n, int pos)
+{
+	const Config *cf = &m->config;
+	const dsv3_config *c = &cf->c;
+	RunState *s = &m->state;
+	const Weights *w = &m->weights;
+	int dim = c->dim, half = c->qk_rope_head_dim / 2;
+
+	for (int b = 0; b < n; b++) {
+		op_weight_row(s->chunk.x + (size_t)b * dim, &w->embed, tokens[b]);
+		for (int i = 0; i < half; i++) {
+			float angle = (float)(pos + b) * s->inv_freq[i];
+			s->chunk.cos_a[b * half + i] = cosf(angle);
+			s->chunk.sin_a[b * half + i] = sinf(angle);
+		}
+	}
+	for (int l = 0; l < c->n_layers; l++) {
+		const LayerWeights *lw = &w->layers[l];
+		for (int b = 0; b < n; b++)
+			op_rmsnorm(s->chunk.xn + (size_t)b * dim, s->chunk.x + (size_t)b * dim,
+				   &lw->attn_norm, dim, cf->eps);
+		mla_chunk(m, lw, l, seq, pos, n);
+		op_add_scaled(s->chunk.x, s->chunk.tmp, 1.0f, dim * n);
+		for (int b = 0; b < n; b++)
+			op_rmsnorm(s->chunk.xn + (size_t)b * dim, s->chunk.x + (size_t)b * dim,
+				   &lw->ffn_norm, dim, cf->eps);
+		if (l < c->n_dense_layers)
+			mlp_chunk(m, &lw->w1, &lw->w2, &lw->w3, s->chunk.xn, n, s->chunk.tmp);
+		else
+			moe_chunk(m, lw, n);
+		op_add_scaled(s->chunk.x, s->chunk.tmp, 1.0f, dim * n);
+	}
+}
+
+float *forward_prompt(Model *m, int seq, const int *tokens, int n, int pos)
+{
+	RunState *s = &m->state;
+	int dim = m->config.c.dim, last = 0;
+	if (n < 1)
+		return NULL;
+	for (int done = 0; done < n; done += last) {
+		last = n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK;
+		forward_chunk(m, seq, tokens + done, last, pos + done);
+	}
+	memcpy(s->x, s->chunk.x + (size_t)(last - 1) * dim, sizeof(float) * dim);
+	op_rmsnorm(s->x, s->x, &m->weights.norm, dim, m->config.eps);
 	op_matvec(m->pool, s->logits, &m->weights.head, s->x);
 	return s->logits;
 }

@@ -56,7 +56,17 @@ typedef struct {
 	float *cache_c;           /* [n_seqs, n_layers, max_seq_len, lora] */
 	float *cache_pe;          /* [n_seqs, n_layers, max_seq_len, rope] */
 	float *logits;            /* [vocab] */
+	/* forward_prompt's chunk of up to PREFILL_CHUNK tokens: [chunk, width] each. */
+	struct {
+		float *x, *xn, *tmp, *moe_out, *q_a, *q, *kv, *attn_out, *h1, *h3;
+		float *gx, *gout;        /* the tokens routed to one expert, gathered */
+		float *cos_a, *sin_a;    /* [chunk, rope / 2] */
+		float *weights;          /* [chunk, n_activated] */
+		int *topk, *rows;        /* [chunk, n_activated], [chunk] */
+	} chunk;
 } RunState;
+
+#define PREFILL_CHUNK 32
 
 typedef struct {
 	Config config;
@@ -82,6 +92,10 @@ void model_close(Model *m);
 float *forward(Model *m, int seq, int token, int pos);
 /* The same without the head: for prompt tokens whose next-token logits nobody reads. */
 void forward_no_logits(Model *m, int seq, int token, int pos);
+/* Feeds tokens[0:n] at positions pos..pos+n-1 of sequence `seq`, PREFILL_CHUNK at a time so
+ * each weight is read once per chunk; returns the logits after the last one. Every number
+ * equals forward()'s token by token, bit for bit. */
+float *forward_prompt(Model *m, int seq, const int *tokens, int n, int pos);
 
 /* The derived numbers of DESIGN §4 (exposed for tests). */
 float model_softmax_scale(const dsv3_config *c, int max_seq_len);

@@ -33,6 +33,9 @@ typedef struct {
 
 /* y[r] = W[r,:] . x for every row; rows are shared out over the pool. */
 void op_matvec(thread_pool *pool, float *y, const weight_view *w, const float *x);
+/* Y[b, r] = W[r,:] . X[b,:] for n vectors (X is [n, cols], Y is [n, rows]): each weight row is
+ * read once for all n; every number equals op_matvec's for the same vector, bit for bit. */
+void op_matmul(thread_pool *pool, float *y, const weight_view *w, const float *x, int n);
 /* y[i] = W[row0 + i,:] . x for i < n, on the calling thread. */
 void op_matvec_rows(float *y, const weight_view *w, int row0, int n, const float *x);
 /* y[c] = sum_i x[i] * W[row0 + i, c] for every column c (x^T W over n rows), on the calling

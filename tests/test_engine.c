@@ -315,6 +315,36 @@ static void test_causal_and_sequences_independent(void **state)
 	free(alone);
 }
 
+/* A prompt fed in chunks (41 tokens: a full chunk and a partial one) leaves the logits and the
+ * cache of token-by-token decoding, bit for bit; decoding then goes on alike. */
+static void assert_prompt_chunks_equal_decode(const char *dir)
+{
+	enum { P = 41 };
+	int prompt[P];
+	for (int i = 0; i < P; i++)
+		prompt[i] = (i * 37 + 11) % 1000;
+	Model m;
+	dsv3_error err = { 0 };
+	if (model_open(&m, dir, 16384, 2, 2, &err))
+		fail_msg("%s", err.msg);
+	int V = m.config.c.vocab_size;
+	float *one = malloc(sizeof(float) * V);
+	for (int p = 0; p < P; p++)
+		memcpy(one, forward(&m, 0, prompt[p], p), sizeof(float) * V);
+	assert_memory_equal(forward_prompt(&m, 1, prompt, P, 0), one, sizeof(float) * V);
+	memcpy(one, forward(&m, 0, 7, P), sizeof(float) * V);
+	assert_memory_equal(forward(&m, 1, 7, P), one, sizeof(float) * V);
+	free(one);
+	model_close(&m);
+}
+
+static void test_prompt_in_chunks_equals_token_by_token(void **state)
+{
+	fixture *f = *state;
+	assert_prompt_chunks_equal_decode(f->tiny);
+	assert_prompt_chunks_equal_decode(f->v2);
+}
+
 /* YaRN applies only beyond original_seq_len (4096 in tiny): the logits change with it. */
 static void test_max_seq_len_beyond_original_changes_logits(void **state)
 {
@@ -575,6 +605,7 @@ int main(void)
 		cmocka_unit_test(test_fp8_and_its_bf16_cast_are_close_not_identical),
 		cmocka_unit_test(test_causal_and_sequences_independent),
 		cmocka_unit_test(test_max_seq_len_beyond_original_changes_logits),
+		cmocka_unit_test(test_prompt_in_chunks_equals_token_by_token),
 		cmocka_unit_test(test_v3_fp8_matches_python_reference_with_yarn),
 		cmocka_unit_test(test_v2_bf16_matches_python_reference_without_yarn),
 		cmocka_unit_test(test_v2_group_limited_routing_matches_python_reference),

@@ -185,6 +185,84 @@ void op_matvec(thread_pool *pool, float *y, const weight_view *w, const float *x
 			matvec_task(&j, t);
 }
 
+typedef struct {
+	float *y;
+	const weight_view *w;
+	const float *x;
+	int n;
+	float lut[256];
+} matmul_job;
+
+/* Block `c0` of row r of piece p, decoded once: wf[c] = the weight (scale not applied). */
+static int decode_block(const weight_piece *p, int r, int c0, float *wf, const float *lut)
+{
+	int n = p->cols - c0 < WEIGHT_BLOCK ? p->cols - c0 : WEIGHT_BLOCK;
+	size_t base = (size_t)r * p->cols + c0;
+	for (int c = 0; c < n; c++)
+		wf[c] = p->dtype == ST_F8_E4M3 ? lut[((const uint8_t *)p->data)[base + c]]
+		      : p->dtype == ST_BF16	 ? bf16_value(((const uint16_t *)p->data)[base + c])
+					 : ((const float *)p->data)[base + c];
+	return n;
+}
+
+/* acc[b] + row r of the piece . x_b for b < n: the blocks of piece_row_dot, each decoded once
+ * and used for all n vectors (the same products in the same lanes, so the same sums). */
+static void piece_row_dot_many(const weight_piece *p, int r, const float *x, size_t x_stride,
+			       int n, float *acc, const float *lut)
+{
+	float wf[WEIGHT_BLOCK];
+	for (int c0 = 0; c0 < p->cols; c0 += WEIGHT_BLOCK) {
+		int len = decode_block(p, r, c0, wf, lut);
+		float scale = piece_scale(p, r, c0);
+		for (int b = 0; b < n; b++) {
+			float d = block_dot_f32(wf, x + (size_t)b * x_stride + c0, len);
+			acc[b] += p->dtype == ST_F8_E4M3 ? d * scale : d;
+		}
+	}
+}
+
+#define MATMUL_GROUP 64 /* vectors per pass over a weight row */
+
+static void matmul_task(void *arg, size_t t)
+{
+	const matmul_job *j = arg;
+	int r0 = (int)t * ROWS_PER_TASK, rows = j->w->rows, cols = j->w->cols;
+	int r1 = rows - r0 < ROWS_PER_TASK ? rows : r0 + ROWS_PER_TASK;
+	float acc[MATMUL_GROUP];
+	for (int r = r0; r < r1; r++) {
+		for (int b0 = 0; b0 < j->n; b0 += MATMUL_GROUP) {
+			int n = j->n - b0 < MATMUL_GROUP ? j->n - b0 : MATMUL_GROUP;
+			const float *x = j->x + (size_t)b0 * cols;
+			memset(acc, 0, sizeof(float) * n);
+			if (j->w->split_dim != 1) {
+				int lr;
+				const weight_piece *p = row_piece(j->w, r, &lr);
+				piece_row_dot_many(p, lr, x, (size_t)cols, n, acc, j->lut);
+			} else {
+				for (int i = 0; i < j->w->n_pieces; i++) {
+					piece_row_dot_many(&j->w->pieces[i], r, x, (size_t)cols, n, acc,
+							   j->lut);
+					x += j->w->pieces[i].cols;
+				}
+			}
+			for (int b = 0; b < n; b++)
+				j->y[(size_t)(b0 + b) * rows + r] = acc[b];
+		}
+	}
+}
+
+void op_matmul(thread_pool *pool, float *y, const weight_view *w, const float *x, int n)
+{
+	matmul_job j = { y, w, x, n, { 0 } };
+	size_t tasks = ((size_t)w->rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+	fp8_table(j.lut);
+	if (pool)
+		thread_pool_for(pool, tasks, matmul_task, &j);
+	else
+		for (size_t t = 0; t < tasks; t++)
+			matmul_task(&j, t);
+}
+
 /* Row r of a view into out[cols], decoded and scaled. */
 void op_weight_row(float *out, const weight_view *w, int r)
 {
