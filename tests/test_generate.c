@@ -293,6 +293,14 @@ static void test_generate_flags(void **state)
 				   bin_dir(), g_dir, in, err),
 			 3);
 	assert_file_contains(err, "none/config.json");
+	/* Prompts are stripped as the demo's line.strip(); empty lines are no prompts. */
+	write_text_file(in, "  Hi \t\r\n\n \n");
+	snprintf(args, sizeof args, "--input-file %s --max-new-tokens 1", in);
+	assert_int_equal(gen(args, out, err), 0);
+	char *text = assert_read_file(out, NULL);
+	assert_true(!strncmp(text, "Prompt: Hi\nCompletion: ", strlen("Prompt: Hi\nCompletion: ")));
+	assert_null(strstr(text + 1, "Prompt:"));
+	free(text);
 }
 
 /* The demo's rule draws token i with probability softmax(logits / T)_i: frequencies of 40000

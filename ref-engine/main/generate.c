@@ -384,7 +384,8 @@ static void seq_free(sequence *s)
 
 /* ---- batch mode ---- */
 
-/* Splits the file into its non-empty lines (trailing \r and \n removed), in place. */
+/* Splits the file into its lines, stripped of surrounding whitespace, in place; empty lines are
+ * skipped. */
 static int read_prompts(const char *path, char **buf, char ***lines, int *n, dsv3_error *err)
 {
 	size_t len;
@@ -399,8 +400,11 @@ static int read_prompts(const char *path, char **buf, char ***lines, int *n, dsv
 		nl = strchr(p, '\n');
 		if (nl)
 			*nl = 0;
+		/* As the demo's line.strip() (ASCII whitespace). */
+		while (*p && strchr(" \t\r\v\f", *p))
+			p++;
 		size_t l = strlen(p);
-		while (l && p[l - 1] == '\r')
+		while (l && strchr(" \t\r\v\f", p[l - 1]))
 			p[--l] = 0;
 		if (l)
 			(*lines)[(*n)++] = p;
