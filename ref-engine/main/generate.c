@@ -393,7 +393,7 @@ static int read_prompts(const char *path, char **buf, char ***lines, int *n, dsv
 	if (rc)
 		return rc;
 	*n = 0;
-	*lines = malloc(sizeof(char *) * (len / 1 + 1));
+	*lines = malloc(sizeof(char *) * (len + 1));
 	if (!*lines)
 		return dsv3_fail(err, DSV3_EIO, "out of memory");
 	for (char *p = *buf, *nl; p && *p; p = nl ? nl + 1 : NULL) {
