@@ -211,15 +211,13 @@ static void print_speed(const engine *e)
 		e->decode_s, e->decode_s > 0 ? e->decode_n / e->decode_s : 0.0);
 }
 
-/* Feeds tokens[from .. n_prompt) of sequence i; keeps the last logits. */
+/* Feeds tokens[from .. n_prompt) of sequence i (from < n_prompt) in chunks; keeps the last
+ * logits. */
 static void prefill(engine *e, int i, sequence *s, int from)
 {
 	double t0 = now_s();
-	float *logits = NULL;
-	for (int p = from; p < s->n_prompt; p++)
-		logits = forward(&e->m, i, s->tokens[p], p);
-	if (logits)
-		memcpy(s->logits, logits, sizeof(float) * (size_t)e->vocab);
+	float *logits = forward_prompt(&e->m, i, s->tokens + from, s->n_prompt - from, from);
+	memcpy(s->logits, logits, sizeof(float) * (size_t)e->vocab);
 	e->prefill_s += now_s() - t0;
 	e->prefill_n += s->n_prompt - from;
 }
