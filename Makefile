@@ -99,7 +99,8 @@ demo: deps
 
 bench: deps
 	$(MAKE) all
-	@DSV3_BIN=$(abspath $(BUILD)/bin) sh bench/run.sh
+	@DSV3_BIN=$(abspath $(BUILD)/bin) bash bench/run.sh
+	@DSV3_BIN=$(abspath $(BUILD)/bin) bash bench/engine.sh
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin
