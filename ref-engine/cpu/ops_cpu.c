@@ -50,18 +50,165 @@ static inline float piece_scale(const weight_piece *p, int r, int c)
 	return p->scale[(size_t)(r / WEIGHT_BLOCK) * p->scale_cols + c / WEIGHT_BLOCK];
 }
 
-/* The sum of w[c] * x[c] over one block, in eight interleaved fp32 partial sums added in a
- * fixed order at the end (the same order whatever the split), so the loop vectorises. */
+/* The sum of w[c] * x[c] over one block, in eight interleaved fp32 partial sums (lane k adds
+ * the columns c = k mod 8 in column order, a multiply then an add, never fused) added in a fixed
+ * order at the end, the same whatever the split and whichever path below computes it: the AVX2
+ * one holds the eight lanes in one register, the scalar one (other CPUs, block tails) in an
+ * array, so both give the same bits. */
 #define LANES 8
 static inline float lanes_total(const float *a)
 {
 	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
+/* FP8 weights are decoded to their value times 2^-8 (exact: a power of two) and the block's
+ * scale is multiplied by 2^8 instead, because that is what the F16 conversion below gives. */
+#define FP8_PRESCALE (1.0f / 256.0f)
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SIMD __attribute__((target("avx2,f16c")))
+
+/* Every CPU with AVX2 has F16C (which came first), and not every compiler can ask for F16C. */
+static inline int simd_ok(void)
+{
+	return __builtin_cpu_supports("avx2");
+}
+
+/* Eight E4M3 codes as fp32, times 2^-8: sign to bit 15 and the 7 exponent+mantissa bits to bits
+ * 13..7 make the F16 number whose value is exactly the E4M3 value / 256 for every code but NaN
+ * (normals and subnormals alike, since F16's exponent bias is 8 more than E4M3's). */
+SIMD static inline __m256 fp8x8(const uint8_t *w)
+{
+	__m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)w));
+	__m128i mag = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7F)), 7);
+	__m128i sgn = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8);
+	return _mm256_cvtph_ps(_mm_or_si128(mag, sgn));
+}
+
+SIMD static inline __m256 bf16x8(const uint16_t *w)
+{
+	__m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
+	return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+/* The lanes over columns [0, n & ~7), stored to a[]. */
+SIMD static void lanes_fp8(float *a, const uint8_t *w, const float *x, int n)
+{
+	__m256 acc = _mm256_setzero_ps();
+	for (int c = 0; c + LANES <= n; c += LANES)
+		acc = _mm256_add_ps(acc, _mm256_mul_ps(fp8x8(w + c), _mm256_loadu_ps(x + c)));
+	_mm256_storeu_ps(a, acc);
+}
+
+SIMD static void lanes_bf16(float *a, const uint16_t *w, const float *x, int n)
+{
+	__m256 acc = _mm256_setzero_ps();
+	for (int c = 0; c + LANES <= n; c += LANES)
+		acc = _mm256_add_ps(acc, _mm256_mul_ps(bf16x8(w + c), _mm256_loadu_ps(x + c)));
+	_mm256_storeu_ps(a, acc);
+}
+
+SIMD static void lanes_f32(float *a, const float *w, const float *x, int n)
+{
+	__m256 acc = _mm256_setzero_ps();
+	for (int c = 0; c + LANES <= n; c += LANES)
+		acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c)));
+	_mm256_storeu_ps(a, acc);
+}
+
+/* The lanes of four rows at once (w, w + stride, ...; n a multiple of 8) to a[8 i + k]: four
+ * independent chains hide the adds' latency and share the loads of x; each row's lanes are
+ * exactly lanes_fp8's / lanes_bf16's. */
+SIMD static void lanes4_fp8(float *a, const uint8_t *w, size_t stride, const float *x, int n)
+{
+	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+	for (int c = 0; c < n; c += LANES) {
+		__m256 xv = _mm256_loadu_ps(x + c);
+		a0 = _mm256_add_ps(a0, _mm256_mul_ps(fp8x8(w + c), xv));
+		a1 = _mm256_add_ps(a1, _mm256_mul_ps(fp8x8(w + stride + c), xv));
+		a2 = _mm256_add_ps(a2, _mm256_mul_ps(fp8x8(w + 2 * stride + c), xv));
+		a3 = _mm256_add_ps(a3, _mm256_mul_ps(fp8x8(w + 3 * stride + c), xv));
+	}
+	_mm256_storeu_ps(a, a0);
+	_mm256_storeu_ps(a + LANES, a1);
+	_mm256_storeu_ps(a + 2 * LANES, a2);
+	_mm256_storeu_ps(a + 3 * LANES, a3);
+}
+
+SIMD static void lanes4_bf16(float *a, const uint16_t *w, size_t stride, const float *x, int n)
+{
+	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+	for (int c = 0; c < n; c += LANES) {
+		__m256 xv = _mm256_loadu_ps(x + c);
+		a0 = _mm256_add_ps(a0, _mm256_mul_ps(bf16x8(w + c), xv));
+		a1 = _mm256_add_ps(a1, _mm256_mul_ps(bf16x8(w + stride + c), xv));
+		a2 = _mm256_add_ps(a2, _mm256_mul_ps(bf16x8(w + 2 * stride + c), xv));
+		a3 = _mm256_add_ps(a3, _mm256_mul_ps(bf16x8(w + 3 * stride + c), xv));
+	}
+	_mm256_storeu_ps(a, a0);
+	_mm256_storeu_ps(a + LANES, a1);
+	_mm256_storeu_ps(a + 2 * LANES, a2);
+	_mm256_storeu_ps(a + 3 * LANES, a3);
+}
+
+/* y[c] += xi * (w[c] * s) for c < n & ~7, multiply, multiply, add as the scalar loop does. */
+SIMD static void axpy_fp8(float *y, const uint8_t *w, int n, float s, float xi)
+{
+	__m256 sv = _mm256_set1_ps(s), xv = _mm256_set1_ps(xi);
+	for (int c = 0; c + LANES <= n; c += LANES) {
+		__m256 wv = _mm256_mul_ps(fp8x8(w + c), sv);
+		_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_loadu_ps(y + c), _mm256_mul_ps(xv, wv)));
+	}
+}
+
+SIMD static void axpy_bf16(float *y, const uint16_t *w, int n, float xi)
+{
+	__m256 xv = _mm256_set1_ps(xi);
+	for (int c = 0; c + LANES <= n; c += LANES)
+		_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_loadu_ps(y + c),
+						       _mm256_mul_ps(xv, bf16x8(w + c))));
+}
+
+/* wf[c] = weight c of the FP8 block (times 2^-8), for c < n & ~7. */
+SIMD static void decode_fp8(float *wf, const uint8_t *w, int n)
+{
+	for (int c = 0; c + LANES <= n; c += LANES)
+		_mm256_storeu_ps(wf + c, fp8x8(w + c));
+}
+#else
+static inline int simd_ok(void) { return 0; }
+static void lanes_fp8(float *a, const uint8_t *w, const float *x, int n) { (void)a, (void)w, (void)x, (void)n; }
+static void lanes_bf16(float *a, const uint16_t *w, const float *x, int n) { (void)a, (void)w, (void)x, (void)n; }
+static void lanes_f32(float *a, const float *w, const float *x, int n) { (void)a, (void)w, (void)x, (void)n; }
+static void decode_fp8(float *wf, const uint8_t *w, int n) { (void)wf, (void)w, (void)n; }
+static void axpy_fp8(float *y, const uint8_t *w, int n, float s, float xi)
+{
+	(void)y, (void)w, (void)n, (void)s, (void)xi;
+}
+static void axpy_bf16(float *y, const uint16_t *w, int n, float xi)
+{
+	(void)y, (void)w, (void)n, (void)xi;
+}
+static void lanes4_fp8(float *a, const uint8_t *w, size_t stride, const float *x, int n)
+{
+	(void)a, (void)w, (void)stride, (void)x, (void)n;
+}
+static void lanes4_bf16(float *a, const uint16_t *w, size_t stride, const float *x, int n)
+{
+	(void)a, (void)w, (void)stride, (void)x, (void)n;
+}
+#endif
+
+/* lut holds every E4M3 value times 2^-8. */
 static float block_dot_fp8(const uint8_t *w, const float *x, int n, const float *lut)
 {
 	float a[LANES] = { 0 };
 	int c = 0;
+	if (simd_ok()) {
+		lanes_fp8(a, w, x, n);
+		c = n & ~(LANES - 1);
+	}
 	for (; c + LANES <= n; c += LANES)
 		for (int k = 0; k < LANES; k++)
 			a[k] += lut[w[c + k]] * x[c + k];
@@ -74,6 +221,10 @@ static float block_dot_bf16(const uint16_t *w, const float *x, int n)
 {
 	float a[LANES] = { 0 };
 	int c = 0;
+	if (simd_ok()) {
+		lanes_bf16(a, w, x, n);
+		c = n & ~(LANES - 1);
+	}
 	for (; c + LANES <= n; c += LANES)
 		for (int k = 0; k < LANES; k++)
 			a[k] += bf16_value(w[c + k]) * x[c + k];
@@ -86,6 +237,10 @@ static float block_dot_f32(const float *w, const float *x, int n)
 {
 	float a[LANES] = { 0 };
 	int c = 0;
+	if (simd_ok()) {
+		lanes_f32(a, w, x, n);
+		c = n & ~(LANES - 1);
+	}
 	for (; c + LANES <= n; c += LANES)
 		for (int k = 0; k < LANES; k++)
 			a[k] += w[c + k] * x[c + k];
@@ -94,29 +249,72 @@ static float block_dot_f32(const float *w, const float *x, int n)
 	return lanes_total(a);
 }
 
-/* Every E4M3 code's value, so the inner loop is a table lookup. */
+/* Every E4M3 code's value times 2^-8, for the scalar path. */
 static void fp8_table(float *lut)
 {
 	for (int v = 0; v < 256; v++)
-		lut[v] = e4m3_value((uint8_t)v);
+		lut[v] = e4m3_value((uint8_t)v) * FP8_PRESCALE;
+}
+
+/* The scale of an FP8 block, times 2^8 to undo the decoding's 2^-8. */
+static inline float fp8_scale(const weight_piece *p, int r, int c)
+{
+	return piece_scale(p, r, c) * (1.0f / FP8_PRESCALE);
+}
+
+/* Row r of the piece . x over the block at column c0 (n columns), times the block's scale. */
+static float block_row_dot(const weight_piece *p, int r, int c0, int n, const float *x,
+			   const float *lut)
+{
+	size_t at = (size_t)r * p->cols + c0;
+	if (p->dtype == ST_F8_E4M3)
+		return block_dot_fp8((const uint8_t *)p->data + at, x + c0, n, lut) *
+		       fp8_scale(p, r, c0);
+	if (p->dtype == ST_BF16)
+		return block_dot_bf16((const uint16_t *)p->data + at, x + c0, n);
+	return block_dot_f32((const float *)p->data + at, x + c0, n);
+}
+
+static inline int block_width(const weight_piece *p, int c0)
+{
+	return p->cols - c0 < WEIGHT_BLOCK ? p->cols - c0 : WEIGHT_BLOCK;
 }
 
 /* acc + row r of the piece . x, block by block; each block's sum times its scale. */
 static float piece_row_dot(const weight_piece *p, int r, const float *x, float acc,
 			   const float *lut)
 {
-	size_t base = (size_t)r * p->cols;
-	for (int c0 = 0; c0 < p->cols; c0 += WEIGHT_BLOCK) {
-		int n = p->cols - c0 < WEIGHT_BLOCK ? p->cols - c0 : WEIGHT_BLOCK;
-		if (p->dtype == ST_F8_E4M3)
-			acc += block_dot_fp8((const uint8_t *)p->data + base + c0, x + c0, n, lut) *
-			       piece_scale(p, r, c0);
-		else if (p->dtype == ST_BF16)
-			acc += block_dot_bf16((const uint16_t *)p->data + base + c0, x + c0, n);
-		else
-			acc += block_dot_f32((const float *)p->data + base + c0, x + c0, n);
-	}
+	for (int c0 = 0; c0 < p->cols; c0 += WEIGHT_BLOCK)
+		acc += block_row_dot(p, r, c0, block_width(p, c0), x, lut);
 	return acc;
+}
+
+#define ROW_GROUP 4
+
+/* acc[i] + row r + i of the piece . x for i < ROW_GROUP: piece_row_dot's sums, four rows at a
+ * time where the SIMD kernels apply. */
+static void piece_rows_dot4(const weight_piece *p, int r, const float *x, float *acc,
+			    const float *lut)
+{
+	int simd = simd_ok() && p->dtype != ST_F32;
+	for (int c0 = 0; c0 < p->cols; c0 += WEIGHT_BLOCK) {
+		int n = block_width(p, c0);
+		if (!simd || n % LANES) {
+			for (int i = 0; i < ROW_GROUP; i++)
+				acc[i] += block_row_dot(p, r + i, c0, n, x, lut);
+			continue;
+		}
+		float a[ROW_GROUP * LANES];
+		size_t at = (size_t)r * p->cols + c0;
+		if (p->dtype == ST_F8_E4M3)
+			lanes4_fp8(a, (const uint8_t *)p->data + at, (size_t)p->cols, x + c0, n);
+		else
+			lanes4_bf16(a, (const uint16_t *)p->data + at, (size_t)p->cols, x + c0, n);
+		for (int i = 0; i < ROW_GROUP; i++) {
+			float d = lanes_total(a + i * LANES);
+			acc[i] += p->dtype == ST_F8_E4M3 ? d * fp8_scale(p, r + i, c0) : d;
+		}
+	}
 }
 
 /* The piece holding logical row r of a row-split view, and r within it. */
@@ -144,11 +342,39 @@ static float view_row_dot(const weight_view *w, int r, const float *x, const flo
 	return acc;
 }
 
+/* Rows r .. r + 3 of the view . x into y, if they lie in one piece (or the view is split by
+ * columns); 0 if not, computing nothing. */
+static int view_rows_dot4(float *y, const weight_view *w, int r, const float *x,
+			  const float *lut)
+{
+	float acc[ROW_GROUP] = { 0 };
+	if (w->split_dim != 1) {
+		int lr, lr3;
+		const weight_piece *p = row_piece(w, r, &lr);
+		if (row_piece(w, r + ROW_GROUP - 1, &lr3) != p)
+			return 0;
+		piece_rows_dot4(p, lr, x, acc, lut);
+	} else {
+		for (int i = 0; i < w->n_pieces; i++) {
+			piece_rows_dot4(&w->pieces[i], r, x, acc, lut);
+			x += w->pieces[i].cols;
+		}
+	}
+	memcpy(y, acc, sizeof(acc));
+	return 1;
+}
+
 static void matvec_rows_lut(float *y, const weight_view *w, int row0, int n, const float *x,
 			    const float *lut)
 {
-	for (int i = 0; i < n; i++)
-		y[i] = view_row_dot(w, row0 + i, x, lut);
+	for (int i = 0; i < n;) {
+		if (i + ROW_GROUP <= n && view_rows_dot4(y + i, w, row0 + i, x, lut)) {
+			i += ROW_GROUP;
+		} else {
+			y[i] = view_row_dot(w, row0 + i, x, lut);
+			i++;
+		}
+	}
 }
 
 void op_matvec_rows(float *y, const weight_view *w, int row0, int n, const float *x)
@@ -193,12 +419,18 @@ typedef struct {
 	float lut[256];
 } matmul_job;
 
-/* Block `c0` of row r of piece p, decoded once: wf[c] = the weight (scale not applied). */
+/* Block `c0` of row r of piece p, decoded once: wf[c] = the weight (FP8: times 2^-8; scale not
+ * applied). */
 static int decode_block(const weight_piece *p, int r, int c0, float *wf, const float *lut)
 {
 	int n = p->cols - c0 < WEIGHT_BLOCK ? p->cols - c0 : WEIGHT_BLOCK;
 	size_t base = (size_t)r * p->cols + c0;
-	for (int c = 0; c < n; c++)
+	int c = 0;
+	if (p->dtype == ST_F8_E4M3 && simd_ok()) {
+		decode_fp8(wf, (const uint8_t *)p->data + base, n);
+		c = n & ~(LANES - 1);
+	}
+	for (; c < n; c++)
 		wf[c] = p->dtype == ST_F8_E4M3 ? lut[((const uint8_t *)p->data)[base + c]]
 		      : p->dtype == ST_BF16	 ? bf16_value(((const uint16_t *)p->data)[base + c])
 					 : ((const float *)p->data)[base + c];
@@ -213,7 +445,7 @@ static void piece_row_dot_many(const weight_piece *p, int r, const float *x, siz
 	float wf[WEIGHT_BLOCK];
 	for (int c0 = 0; c0 < p->cols; c0 += WEIGHT_BLOCK) {
 		int len = decode_block(p, r, c0, wf, lut);
-		float scale = piece_scale(p, r, c0);
+		float scale = p->dtype == ST_F8_E4M3 ? fp8_scale(p, r, c0) : 1.0f;
 		for (int b = 0; b < n; b++) {
 			float d = block_dot_f32(wf, x + (size_t)b * x_stride + c0, len);
 			acc[b] += p->dtype == ST_F8_E4M3 ? d * scale : d;
@@ -276,28 +508,56 @@ void op_weight_row(float *out, const weight_view *w, int r)
 	}
 }
 
+/* y[c] += xi * W[r, c] (the weight decoded and scaled, then times xi) over one piece's row. */
+static void piece_row_axpy(float *y, const weight_piece *p, int r, float xi, const float *lut)
+{
+	int simd = simd_ok();
+	for (int c0 = 0; c0 < p->cols; c0 += WEIGHT_BLOCK) {
+		int n = block_width(p, c0), c = 0;
+		size_t at = (size_t)r * p->cols + c0;
+		float *yb = y + c0;
+		if (p->dtype == ST_F8_E4M3) {
+			const uint8_t *w = (const uint8_t *)p->data + at;
+			float s = fp8_scale(p, r, c0);
+			if (simd) {
+				axpy_fp8(yb, w, n, s, xi);
+				c = n & ~(LANES - 1);
+			}
+			for (; c < n; c++)
+				yb[c] += xi * (lut[w[c]] * s);
+		} else if (p->dtype == ST_BF16) {
+			const uint16_t *w = (const uint16_t *)p->data + at;
+			if (simd) {
+				axpy_bf16(yb, w, n, xi);
+				c = n & ~(LANES - 1);
+			}
+			for (; c < n; c++)
+				yb[c] += xi * bf16_value(w[c]);
+		} else {
+			for (; c < n; c++)
+				yb[c] += xi * ((const float *)p->data)[at + c];
+		}
+	}
+}
+
 void op_matvec_t_rows(float *y, const weight_view *w, int row0, int n, const float *x)
 {
-	int cols = w->cols;
-	for (int c = 0; c < cols; c++)
-		y[c] = 0.0f;
+	float lut[256];
+	fp8_table(lut);
+	memset(y, 0, sizeof(float) * w->cols);
 	for (int i = 0; i < n; i++) {
-		int lr;
-		const weight_piece *p = row_piece(w, row0 + i, &lr);
-		if (w->split_dim == 1) {
-			/* Column-split: walk the pieces along the row. */
-			float *yc = y;
-			for (int k = 0; k < w->n_pieces; k++) {
-				const weight_piece *q = &w->pieces[k];
-				for (int c = 0; c < q->cols; c++)
-					yc[c] += x[i] * (piece_at(q, (size_t)(row0 + i) * q->cols + c) *
-							 piece_scale(q, row0 + i, c));
-				yc += q->cols;
-			}
+		if (w->split_dim != 1) {
+			int lr;
+			const weight_piece *p = row_piece(w, row0 + i, &lr);
+			piece_row_axpy(y, p, lr, x[i], lut);
 			continue;
 		}
-		for (int c = 0; c < cols; c++)
-			y[c] += x[i] * (piece_at(p, (size_t)lr * p->cols + c) * piece_scale(p, lr, c));
+		/* Column-split: walk the pieces along the row. */
+		float *yc = y;
+		for (int k = 0; k < w->n_pieces; k++) {
+			piece_row_axpy(yc, &w->pieces[k], row0 + i, x[i], lut);
+			yc += w->pieces[k].cols;
+		}
 	}
 }
 
