@@ -56,6 +56,7 @@ static inline float piece_scale(const weight_piece *p, int r, int c)
  * one holds the eight lanes in one register, the scalar one (other CPUs, block tails) in an
  * array, so both give the same bits. */
 #define LANES 8
+#define ROW_GROUP 4 /* rows of one matvec computed together */
 static inline float lanes_total(const float *a)
 {
 	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
@@ -77,13 +78,19 @@ static inline int simd_ok(void)
 
 /* Eight E4M3 codes as fp32, times 2^-8: sign to bit 15 and the 7 exponent+mantissa bits to bits
  * 13..7 make the F16 number whose value is exactly the E4M3 value / 256 for every code but NaN
- * (normals and subnormals alike, since F16's exponent bias is 8 more than E4M3's). */
+ * (normals and subnormals alike, since F16's exponent bias is 8 more than E4M3's). `hi` holds
+ * the codes in the high bytes of its 16-bit lanes: an arithmetic shift by one then puts the
+ * magnitude in place and a copy of the sign in bit 14, which the mask clears. */
+SIMD static inline __m256 fp8_hi8(__m128i hi)
+{
+	__m128i h = _mm_and_si128(_mm_srai_epi16(hi, 1), _mm_set1_epi16((short)0xBF80));
+	return _mm256_cvtph_ps(h);
+}
+
 SIMD static inline __m256 fp8x8(const uint8_t *w)
 {
-	__m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)w));
-	__m128i mag = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7F)), 7);
-	__m128i sgn = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8);
-	return _mm256_cvtph_ps(_mm_or_si128(mag, sgn));
+	__m128i b = _mm_loadl_epi64((const __m128i *)w);
+	return fp8_hi8(_mm_unpacklo_epi8(_mm_setzero_si128(), b));
 }
 
 SIMD static inline __m256 bf16x8(const uint16_t *w)
@@ -288,8 +295,6 @@ static float piece_row_dot(const weight_piece *p, int r, const float *x, float a
 		acc += block_row_dot(p, r, c0, block_width(p, c0), x, lut);
 	return acc;
 }
-
-#define ROW_GROUP 4
 
 /* acc[i] + row r + i of the piece . x for i < ROW_GROUP: piece_row_dot's sums, four rows at a
  * time where the SIMD kernels apply. */
