@@ -177,6 +177,24 @@ SIMD static void axpy_bf16(float *y, const uint16_t *w, int n, float xi)
 						       _mm256_mul_ps(xv, bf16x8(w + c))));
 }
 
+/* The lanes of one decoded block against four vectors (x, x + stride, ...; n a multiple of 8)
+ * to a[8 i + k]: the block's loads shared, each vector's lanes exactly lanes_f32's. */
+SIMD static void lanes4_vec(float *a, const float *w, const float *x, size_t stride, int n)
+{
+	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+	for (int c = 0; c < n; c += LANES) {
+		__m256 wv = _mm256_loadu_ps(w + c);
+		a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv, _mm256_loadu_ps(x + c)));
+		a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv, _mm256_loadu_ps(x + stride + c)));
+		a2 = _mm256_add_ps(a2, _mm256_mul_ps(wv, _mm256_loadu_ps(x + 2 * stride + c)));
+		a3 = _mm256_add_ps(a3, _mm256_mul_ps(wv, _mm256_loadu_ps(x + 3 * stride + c)));
+	}
+	_mm256_storeu_ps(a, a0);
+	_mm256_storeu_ps(a + LANES, a1);
+	_mm256_storeu_ps(a + 2 * LANES, a2);
+	_mm256_storeu_ps(a + 3 * LANES, a3);
+}
+
 /* wf[c] = weight c of the FP8 block (times 2^-8), for c < n & ~7. */
 SIMD static void decode_fp8(float *wf, const uint8_t *w, int n)
 {
@@ -204,6 +222,10 @@ static void lanes4_fp8(float *a, const uint8_t *w, size_t stride, const float *x
 static void lanes4_bf16(float *a, const uint16_t *w, size_t stride, const float *x, int n)
 {
 	(void)a, (void)w, (void)stride, (void)x, (void)n;
+}
+static void lanes4_vec(float *a, const float *w, const float *x, size_t stride, int n)
+{
+	(void)a, (void)w, (void)x, (void)stride, (void)n;
 }
 #endif
 
@@ -448,10 +470,21 @@ static void piece_row_dot_many(const weight_piece *p, int r, const float *x, siz
 			       int n, float *acc, const float *lut)
 {
 	float wf[WEIGHT_BLOCK];
+	int simd = simd_ok();
 	for (int c0 = 0; c0 < p->cols; c0 += WEIGHT_BLOCK) {
 		int len = decode_block(p, r, c0, wf, lut);
 		float scale = p->dtype == ST_F8_E4M3 ? fp8_scale(p, r, c0) : 1.0f;
-		for (int b = 0; b < n; b++) {
+		int b = 0;
+		if (simd && len % LANES == 0)
+			for (; b + 4 <= n; b += 4) {
+				float a[4 * LANES];
+				lanes4_vec(a, wf, x + (size_t)b * x_stride + c0, x_stride, len);
+				for (int i = 0; i < 4; i++) {
+					float d = lanes_total(a + i * LANES);
+					acc[b + i] += p->dtype == ST_F8_E4M3 ? d * scale : d;
+				}
+			}
+		for (; b < n; b++) {
 			float d = block_dot_f32(wf, x + (size_t)b * x_stride + c0, len);
 			acc[b] += p->dtype == ST_F8_E4M3 ? d * scale : d;
 		}
@@ -460,12 +493,41 @@ static void piece_row_dot_many(const weight_piece *p, int r, const float *x, siz
 
 #define MATMUL_GROUP 64 /* vectors per pass over a weight row */
 
+/* Rows [r0, r1) for each of a few vectors, through op_matvec's own row kernels: the rows of a
+ * group (a few KB) stay in cache from one vector to the next, and each FP8 code is decoded in
+ * registers rather than into a buffer, which pays only from about four vectors on. */
+static void matmul_rows_few(const matmul_job *j, int r0, int r1)
+{
+	int rows = j->w->rows, cols = j->w->cols;
+	float y4[ROW_GROUP];
+	for (int r = r0; r < r1;) {
+		int g = r + ROW_GROUP <= r1 ? ROW_GROUP : 1;
+		for (int b = 0; b < j->n; b++) {
+			const float *x = j->x + (size_t)b * cols;
+			if (g == ROW_GROUP && !view_rows_dot4(y4, j->w, r, x, j->lut))
+				g = 1;
+			if (g == ROW_GROUP)
+				for (int i = 0; i < ROW_GROUP; i++)
+					j->y[(size_t)b * rows + r + i] = y4[i];
+			else
+				j->y[(size_t)b * rows + r] = view_row_dot(j->w, r, x, j->lut);
+		}
+		r += g;
+	}
+}
+
+#define FEW_VECTORS 4 /* below this many vectors, matmul_rows_few */
+
 static void matmul_task(void *arg, size_t t)
 {
 	const matmul_job *j = arg;
 	int r0 = (int)t * ROWS_PER_TASK, rows = j->w->rows, cols = j->w->cols;
 	int r1 = rows - r0 < ROWS_PER_TASK ? rows : r0 + ROWS_PER_TASK;
 	float acc[MATMUL_GROUP];
+	if (j->n < FEW_VECTORS) {
+		matmul_rows_few(j, r0, r1);
+		return;
+	}
 	for (int r = r0; r < r1; r++) {
 		for (int b0 = 0; b0 < j->n; b0 += MATMUL_GROUP) {
 			int n = j->n - b0 < MATMUL_GROUP ? j->n - b0 : MATMUL_GROUP;
