@@ -56,7 +56,7 @@ static inline float piece_scale(const weight_piece *p, int r, int c)
  * one holds the eight lanes in one register, the scalar one (other CPUs, block tails) in an
  * array, so both give the same bits. */
 #define LANES 8
-#define ROW_GROUP 4 /* rows of one matvec computed together */
+#define ROW_GROUP 8 /* rows of one matvec computed together */
 static inline float lanes_total(const float *a)
 {
 	return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
@@ -124,39 +124,55 @@ SIMD static void lanes_f32(float *a, const float *w, const float *x, int n)
 	_mm256_storeu_ps(a, acc);
 }
 
-/* The lanes of four rows at once (w, w + stride, ...; n a multiple of 8) to a[8 i + k]: four
- * independent chains hide the adds' latency and share the loads of x; each row's lanes are
- * exactly lanes_fp8's / lanes_bf16's. */
-SIMD static void lanes4_fp8(float *a, const uint8_t *w, size_t stride, const float *x, int n)
+/* The lanes of ROW_GROUP rows at once (w, w + stride, ...; n a multiple of 8) to a[8 i + k]:
+ * eight independent chains hide the adds' latency and share the loads of x; each row's lanes
+ * are exactly lanes_fp8's / lanes_bf16's. */
+SIMD static void lanes_rows_fp8(float *a, const uint8_t *w, size_t stride, const float *x, int n)
 {
-	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
 	for (int c = 0; c < n; c += LANES) {
 		__m256 xv = _mm256_loadu_ps(x + c);
 		a0 = _mm256_add_ps(a0, _mm256_mul_ps(fp8x8(w + c), xv));
 		a1 = _mm256_add_ps(a1, _mm256_mul_ps(fp8x8(w + stride + c), xv));
 		a2 = _mm256_add_ps(a2, _mm256_mul_ps(fp8x8(w + 2 * stride + c), xv));
 		a3 = _mm256_add_ps(a3, _mm256_mul_ps(fp8x8(w + 3 * stride + c), xv));
+		a4 = _mm256_add_ps(a4, _mm256_mul_ps(fp8x8(w + 4 * stride + c), xv));
+		a5 = _mm256_add_ps(a5, _mm256_mul_ps(fp8x8(w + 5 * stride + c), xv));
+		a6 = _mm256_add_ps(a6, _mm256_mul_ps(fp8x8(w + 6 * stride + c), xv));
+		a7 = _mm256_add_ps(a7, _mm256_mul_ps(fp8x8(w + 7 * stride + c), xv));
 	}
 	_mm256_storeu_ps(a, a0);
 	_mm256_storeu_ps(a + LANES, a1);
 	_mm256_storeu_ps(a + 2 * LANES, a2);
 	_mm256_storeu_ps(a + 3 * LANES, a3);
+	_mm256_storeu_ps(a + 4 * LANES, a4);
+	_mm256_storeu_ps(a + 5 * LANES, a5);
+	_mm256_storeu_ps(a + 6 * LANES, a6);
+	_mm256_storeu_ps(a + 7 * LANES, a7);
 }
 
-SIMD static void lanes4_bf16(float *a, const uint16_t *w, size_t stride, const float *x, int n)
+SIMD static void lanes_rows_bf16(float *a, const uint16_t *w, size_t stride, const float *x, int n)
 {
-	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+	__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
 	for (int c = 0; c < n; c += LANES) {
 		__m256 xv = _mm256_loadu_ps(x + c);
 		a0 = _mm256_add_ps(a0, _mm256_mul_ps(bf16x8(w + c), xv));
 		a1 = _mm256_add_ps(a1, _mm256_mul_ps(bf16x8(w + stride + c), xv));
 		a2 = _mm256_add_ps(a2, _mm256_mul_ps(bf16x8(w + 2 * stride + c), xv));
 		a3 = _mm256_add_ps(a3, _mm256_mul_ps(bf16x8(w + 3 * stride + c), xv));
+		a4 = _mm256_add_ps(a4, _mm256_mul_ps(bf16x8(w + 4 * stride + c), xv));
+		a5 = _mm256_add_ps(a5, _mm256_mul_ps(bf16x8(w + 5 * stride + c), xv));
+		a6 = _mm256_add_ps(a6, _mm256_mul_ps(bf16x8(w + 6 * stride + c), xv));
+		a7 = _mm256_add_ps(a7, _mm256_mul_ps(bf16x8(w + 7 * stride + c), xv));
 	}
 	_mm256_storeu_ps(a, a0);
 	_mm256_storeu_ps(a + LANES, a1);
 	_mm256_storeu_ps(a + 2 * LANES, a2);
 	_mm256_storeu_ps(a + 3 * LANES, a3);
+	_mm256_storeu_ps(a + 4 * LANES, a4);
+	_mm256_storeu_ps(a + 5 * LANES, a5);
+	_mm256_storeu_ps(a + 6 * LANES, a6);
+	_mm256_storeu_ps(a + 7 * LANES, a7);
 }
 
 /* y[c] += xi * (w[c] * s) for c < n & ~7, multiply, multiply, add as the scalar loop does. */
@@ -203,9 +219,18 @@ SIMD static void decode_fp8(float *wf, const uint8_t *w, int n)
 }
 #else
 static inline int simd_ok(void) { return 0; }
-static void lanes_fp8(float *a, const uint8_t *w, const float *x, int n) { (void)a, (void)w, (void)x, (void)n; }
-static void lanes_bf16(float *a, const uint16_t *w, const float *x, int n) { (void)a, (void)w, (void)x, (void)n; }
-static void lanes_f32(float *a, const float *w, const float *x, int n) { (void)a, (void)w, (void)x, (void)n; }
+static void lanes_fp8(float *a, const uint8_t *w, const float *x, int n)
+{
+	(void)a, (void)w, (void)x, (void)n;
+}
+static void lanes_bf16(float *a, const uint16_t *w, const float *x, int n)
+{
+	(void)a, (void)w, (void)x, (void)n;
+}
+static void lanes_f32(float *a, const float *w, const float *x, int n)
+{
+	(void)a, (void)w, (void)x, (void)n;
+}
 static void decode_fp8(float *wf, const uint8_t *w, int n) { (void)wf, (void)w, (void)n; }
 static void axpy_fp8(float *y, const uint8_t *w, int n, float s, float xi)
 {
@@ -215,11 +240,11 @@ static void axpy_bf16(float *y, const uint16_t *w, int n, float xi)
 {
 	(void)y, (void)w, (void)n, (void)xi;
 }
-static void lanes4_fp8(float *a, const uint8_t *w, size_t stride, const float *x, int n)
+static void lanes_rows_fp8(float *a, const uint8_t *w, size_t stride, const float *x, int n)
 {
 	(void)a, (void)w, (void)stride, (void)x, (void)n;
 }
-static void lanes4_bf16(float *a, const uint16_t *w, size_t stride, const float *x, int n)
+static void lanes_rows_bf16(float *a, const uint16_t *w, size_t stride, const float *x, int n)
 {
 	(void)a, (void)w, (void)stride, (void)x, (void)n;
 }
@@ -318,9 +343,9 @@ static float piece_row_dot(const weight_piece *p, int r, const float *x, float a
 	return acc;
 }
 
-/* acc[i] + row r + i of the piece . x for i < ROW_GROUP: piece_row_dot's sums, four rows at a
- * time where the SIMD kernels apply. */
-static void piece_rows_dot4(const weight_piece *p, int r, const float *x, float *acc,
+/* acc[i] + row r + i of the piece . x for i < ROW_GROUP: piece_row_dot's sums, ROW_GROUP
+ * rows at a time where the SIMD kernels apply. */
+static void piece_rows_dot(const weight_piece *p, int r, const float *x, float *acc,
 			    const float *lut)
 {
 	int simd = simd_ok() && p->dtype != ST_F32;
@@ -334,9 +359,9 @@ static void piece_rows_dot4(const weight_piece *p, int r, const float *x, float 
 		float a[ROW_GROUP * LANES];
 		size_t at = (size_t)r * p->cols + c0;
 		if (p->dtype == ST_F8_E4M3)
-			lanes4_fp8(a, (const uint8_t *)p->data + at, (size_t)p->cols, x + c0, n);
+			lanes_rows_fp8(a, (const uint8_t *)p->data + at, (size_t)p->cols, x + c0, n);
 		else
-			lanes4_bf16(a, (const uint16_t *)p->data + at, (size_t)p->cols, x + c0, n);
+			lanes_rows_bf16(a, (const uint16_t *)p->data + at, (size_t)p->cols, x + c0, n);
 		for (int i = 0; i < ROW_GROUP; i++) {
 			float d = lanes_total(a + i * LANES);
 			acc[i] += p->dtype == ST_F8_E4M3 ? d * fp8_scale(p, r + i, c0) : d;
@@ -369,9 +394,9 @@ static float view_row_dot(const weight_view *w, int r, const float *x, const flo
 	return acc;
 }
 
-/* Rows r .. r + 3 of the view . x into y, if they lie in one piece (or the view is split by
- * columns); 0 if not, computing nothing. */
-static int view_rows_dot4(float *y, const weight_view *w, int r, const float *x,
+/* Rows r .. r + ROW_GROUP - 1 of the view . x into y, if they lie in one piece (or the view
+ * is split by columns); 0 if not, computing nothing. */
+static int view_rows_dot(float *y, const weight_view *w, int r, const float *x,
 			  const float *lut)
 {
 	float acc[ROW_GROUP] = { 0 };
@@ -380,10 +405,10 @@ static int view_rows_dot4(float *y, const weight_view *w, int r, const float *x,
 		const weight_piece *p = row_piece(w, r, &lr);
 		if (row_piece(w, r + ROW_GROUP - 1, &lr3) != p)
 			return 0;
-		piece_rows_dot4(p, lr, x, acc, lut);
+		piece_rows_dot(p, lr, x, acc, lut);
 	} else {
 		for (int i = 0; i < w->n_pieces; i++) {
-			piece_rows_dot4(&w->pieces[i], r, x, acc, lut);
+			piece_rows_dot(&w->pieces[i], r, x, acc, lut);
 			x += w->pieces[i].cols;
 		}
 	}
@@ -395,7 +420,7 @@ static void matvec_rows_lut(float *y, const weight_view *w, int row0, int n, con
 			    const float *lut)
 {
 	for (int i = 0; i < n;) {
-		if (i + ROW_GROUP <= n && view_rows_dot4(y + i, w, row0 + i, x, lut)) {
+		if (i + ROW_GROUP <= n && view_rows_dot(y + i, w, row0 + i, x, lut)) {
 			i += ROW_GROUP;
 		} else {
 			y[i] = view_row_dot(w, row0 + i, x, lut);
@@ -499,16 +524,16 @@ static void piece_row_dot_many(const weight_piece *p, int r, const float *x, siz
 static void matmul_rows_few(const matmul_job *j, int r0, int r1)
 {
 	int rows = j->w->rows, cols = j->w->cols;
-	float y4[ROW_GROUP];
+	float yg[ROW_GROUP];
 	for (int r = r0; r < r1;) {
 		int g = r + ROW_GROUP <= r1 ? ROW_GROUP : 1;
 		for (int b = 0; b < j->n; b++) {
 			const float *x = j->x + (size_t)b * cols;
-			if (g == ROW_GROUP && !view_rows_dot4(y4, j->w, r, x, j->lut))
+			if (g == ROW_GROUP && !view_rows_dot(yg, j->w, r, x, j->lut))
 				g = 1;
 			if (g == ROW_GROUP)
 				for (int i = 0; i < ROW_GROUP; i++)
-					j->y[(size_t)b * rows + r + i] = y4[i];
+					j->y[(size_t)b * rows + r + i] = yg[i];
 			else
 				j->y[(size_t)b * rows + r] = view_row_dot(j->w, r, x, j->lut);
 		}
