@@ -14,100 +14,38 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "support/test_support.h"
+#include "support/text_corpus.h"
 #include "tokenizer.h"
 
 #define TOK_DIR ".deps/tokenizer"
 #define CORPUS "tests/fixtures/tokenizer/corpus.txt"
 #define INVALID_BIN "tests/fixtures/tokenizer/invalid_utf8.bin"
 
-typedef struct {
-	char *text;
-	size_t len;
-} text_case;
+
 
 typedef struct {
 	text_case *v;
 	size_t n;
 } corpus;
 
-static char *read_file(const char *path, size_t *len)
-{
-	FILE *f = fopen(path, "rb");
-	char *buf = NULL;
-	size_t cap = 0, n = 0, r;
-	if (!f)
-		return NULL;
-	do {
-		if (n + 4096 + 1 > cap) {
-			cap = 2 * cap + 8192;
-			buf = realloc(buf, cap);
-			assert_non_null(buf);
-		}
-		r = fread(buf + n, 1, 4096, f);
-		n += r;
-	} while (r > 0);
-	fclose(f);
-	buf[n] = 0;
-	*len = n;
-	return buf;
-}
-
-static size_t put_utf8(char *o, uint32_t cp)
-{
-	if (cp < 0x80)
-		return o[0] = (char)cp, 1;
-	if (cp < 0x800)
-		return o[0] = (char)(0xC0 | cp >> 6), o[1] = (char)(0x80 | (cp & 0x3F)), 2;
-	if (cp < 0x10000)
-		return o[0] = (char)(0xE0 | cp >> 12), o[1] = (char)(0x80 | (cp >> 6 & 0x3F)),
-		       o[2] = (char)(0x80 | (cp & 0x3F)), 3;
-	return o[0] = (char)(0xF0 | cp >> 18), o[1] = (char)(0x80 | (cp >> 12 & 0x3F)),
-	       o[2] = (char)(0x80 | (cp >> 6 & 0x3F)), o[3] = (char)(0x80 | (cp & 0x3F)), 4;
-}
-
-/* The corpus escapes (see corpus.txt): \n \r \t \\ \u{HEX}. */
-static text_case unescape(const char *s, size_t n)
-{
-	text_case c = { malloc(n + 1), 0 };
-	assert_non_null(c.text);
-	for (size_t i = 0; i < n; i++) {
-		if (s[i] != '\\' || i + 1 == n) {
-			c.text[c.len++] = s[i];
-			continue;
-		}
-		char e = s[++i];
-		if (e == 'u' && i + 1 < n && s[i + 1] == '{') {
-			char *end;
-			uint32_t cp = (uint32_t)strtoul(s + i + 2, &end, 16);
-			c.len += put_utf8(c.text + c.len, cp);
-			i = (size_t)(end - s);
-			continue;
-		}
-		c.text[c.len++] = e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : e;
-		if (e != 'n' && e != 'r' && e != 't' && e != '\\')
-			c.text[c.len - 1] = '\\', c.text[c.len++] = e;
-	}
-	c.text[c.len] = 0;
-	return c;
-}
-
 /* The corpus cases, then the invalid UTF-8 file as one raw case (the same order as
  * tokenizer_ref.mjs). */
 static corpus load_corpus(void)
 {
 	size_t len, blen;
-	char *all = read_file(CORPUS, &len), *p = all;
+	char *all = read_whole_file(CORPUS, &len), *p = all;
 	corpus c = { calloc(len + 2, sizeof(text_case)), 0 };
 	assert_non_null(all);
 	while (p < all + len) {
 		char *nl = memchr(p, '\n', (size_t)(all + len - p));
 		size_t l = nl ? (size_t)(nl - p) : (size_t)(all + len - p);
 		if (l && p[0] != '#')
-			c.v[c.n++] = unescape(p, l);
+			c.v[c.n++] = corpus_unescape(p, l);
 		p += l + 1;
 	}
 	free(all);
-	c.v[c.n].text = read_file(INVALID_BIN, &blen);
+	c.v[c.n].text = read_whole_file(INVALID_BIN, &blen);
 	assert_non_null(c.v[c.n].text);
 	c.v[c.n++].len = blen;
 	return c;
@@ -147,7 +85,7 @@ static char *run_capture(const char *cmd, int *rc)
 	snprintf(line, sizeof line, "{ %s ; } > %s", cmd, path);
 	int st = system(line);
 	*rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-	char *out = read_file(path, &len);
+	char *out = read_whole_file(path, &len);
 	unlink(path);
 	rmdir(dir);
 	return out;
@@ -223,7 +161,7 @@ static void test_byte_map_round_trips_all_256_bytes(void **state)
 	for (int b = 0; b < 256; b++) {
 		char ch[5] = { 0 };
 		size_t len;
-		put_utf8(ch, gpt2_char_of_byte(b));
+		utf8_put(ch, gpt2_char_of_byte(b));
 		json_t *id = json_object_get(vocab, ch);
 		assert_true(json_is_integer(id));
 		const char *bytes = tokenizer_id_bytes(tok, (int32_t)json_integer_value(id), &len);
@@ -344,7 +282,7 @@ static void test_stream_decoder_finishes_a_cut_character_as_replacement(void **s
 	size_t len = 0, cap = 0;
 	tokenizer_stream st = { { 0 }, 0 };
 	dsv3_error err = { 0 };
-	put_utf8(ch, gpt2_char_of_byte(0xE4)); /* first byte of a 3-byte character */
+	utf8_put(ch, gpt2_char_of_byte(0xE4)); /* first byte of a 3-byte character */
 	int32_t id = (int32_t)json_integer_value(json_object_get(vocab, ch));
 	assert_int_equal(tokenizer_stream_push(tok, &st, id, &buf, &len, &cap, &err), DSV3_OK);
 	assert_int_equal(len, 0);
@@ -362,7 +300,7 @@ static void test_invalid_utf8_is_replaced_like_python_replace(void **state)
 {
 	(void)state;
 	size_t len, n;
-	char *raw = read_file(INVALID_BIN, &len);
+	char *raw = read_whole_file(INVALID_BIN, &len);
 	char *got = utf8_replace_invalid(raw, len, &n);
 #define R "\xEF\xBF\xBD"
 	const char *want = "valid start " R " lone continuation\n"

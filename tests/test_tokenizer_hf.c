@@ -14,75 +14,15 @@
 #include <string.h>
 
 #include "sha256.h"
+#include "support/test_support.h"
+#include "support/text_corpus.h"
 #include "tokenizer.h"
 
 #define TOK_DIR ".deps/tokenizer"
 #define FIXTURES "tests/fixtures/tokenizer/"
 #define HF_IDS "golden/tokenizer_ids.txt"
 
-typedef struct {
-	char *text;
-	size_t len;
-} text_case;
 
-static char *read_file(const char *path, size_t *len)
-{
-	FILE *f = fopen(path, "rb");
-	char *buf = NULL;
-	size_t cap = 0, n = 0, r;
-	if (!f)
-		return NULL;
-	do {
-		if (n + 4096 + 1 > cap) {
-			cap = 2 * cap + 8192;
-			buf = realloc(buf, cap);
-			assert_non_null(buf);
-		}
-		r = fread(buf + n, 1, 4096, f);
-		n += r;
-	} while (r > 0);
-	fclose(f);
-	buf[n] = 0;
-	*len = n;
-	return buf;
-}
-
-static size_t put_utf8(char *o, uint32_t cp)
-{
-	if (cp < 0x80)
-		return o[0] = (char)cp, 1;
-	if (cp < 0x800)
-		return o[0] = (char)(0xC0 | cp >> 6), o[1] = (char)(0x80 | (cp & 0x3F)), 2;
-	if (cp < 0x10000)
-		return o[0] = (char)(0xE0 | cp >> 12), o[1] = (char)(0x80 | (cp >> 6 & 0x3F)),
-		       o[2] = (char)(0x80 | (cp & 0x3F)), 3;
-	return o[0] = (char)(0xF0 | cp >> 18), o[1] = (char)(0x80 | (cp >> 12 & 0x3F)),
-	       o[2] = (char)(0x80 | (cp >> 6 & 0x3F)), o[3] = (char)(0x80 | (cp & 0x3F)), 4;
-}
-
-/* The corpus escapes (see corpus.txt): \n \r \t \\ \u{HEX}; any other stays as written. */
-static text_case unescape(const char *s, size_t n)
-{
-	text_case c = { malloc(n + 1), 0 };
-	assert_non_null(c.text);
-	for (size_t i = 0; i < n; i++) {
-		char e = i + 1 < n ? s[i + 1] : 0;
-		if (s[i] != '\\' || !e) {
-			c.text[c.len++] = s[i];
-		} else if (e == 'u' && i + 2 < n && s[i + 2] == '{') {
-			char *end;
-			c.len += put_utf8(c.text + c.len, (uint32_t)strtoul(s + i + 3, &end, 16));
-			i = (size_t)(end - s);
-		} else if (strchr("nrt\\", e)) {
-			c.text[c.len++] = e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : '\\';
-			i++;
-		} else {
-			c.text[c.len++] = s[i];
-		}
-	}
-	c.text[c.len] = 0;
-	return c;
-}
 
 /* The header line "# NAME sha256 HEX" must name the file's current SHA-256. */
 static void check_header_hash(const char *ids, const char *name, const char *path)
@@ -90,7 +30,7 @@ static void check_header_hash(const char *ids, const char *name, const char *pat
 	char want[128], hex[65];
 	uint8_t d[32];
 	size_t len;
-	char *data = read_file(path, &len);
+	char *data = read_whole_file(path, &len);
 	assert_non_null(data);
 	sha256_buffer(data, len, d);
 	sha256_hex(d, hex);
@@ -118,13 +58,13 @@ static void case_push(case_list *l, text_case c)
 static void read_escaped_lines(const char *path, case_list *l)
 {
 	size_t len;
-	char *all = read_file(path, &len), *p = all;
+	char *all = read_whole_file(path, &len), *p = all;
 	assert_non_null(all);
 	while (p < all + len) {
 		char *nl = memchr(p, '\n', (size_t)(all + len - p));
 		size_t n = nl ? (size_t)(nl - p) : (size_t)(all + len - p);
 		if (n && p[0] != '#')
-			case_push(l, unescape(p, n));
+			case_push(l, corpus_unescape(p, n));
 		p += n + 1;
 	}
 	free(all);
@@ -136,7 +76,7 @@ static case_list read_cases(void)
 	case_list l = { 0 };
 	text_case bin;
 	read_escaped_lines(FIXTURES "corpus.txt", &l);
-	bin.text = read_file(FIXTURES "invalid_utf8.bin", &bin.len);
+	bin.text = read_whole_file(FIXTURES "invalid_utf8.bin", &bin.len);
 	assert_non_null(bin.text);
 	case_push(&l, bin);
 	read_escaped_lines(FIXTURES "hf_only.txt", &l);
@@ -147,7 +87,7 @@ static void test_encode_matches_hf_tokenizers_on_corpus(void **state)
 {
 	(void)state;
 	size_t len, bad = 0;
-	char *ids = read_file(HF_IDS, &len), *line;
+	char *ids = read_whole_file(HF_IDS, &len), *line;
 	if (!ids)
 		fail_msg(HF_IDS " is missing: golden/make_tokenizer_ids.py writes it");
 	check_header_hash(ids, "tokenizer.json", TOK_DIR "/tokenizer.json");
