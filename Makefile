@@ -3,7 +3,14 @@
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 CFLAGS  += -std=c11 -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -Wall -Wextra -Werror -pthread -Ilib -Iref-engine
-LDLIBS  := -ljansson -lcrypto -lz -lpcre2-8 -lm -pthread
+# STATIC_DEPS=1 links jansson, OpenSSL, zlib and PCRE2 statically: binaries built here then run
+# on a machine that lacks those packages (the GPU machine).
+STATIC_DEPS ?= 0
+DEP_LIBS := -ljansson -lcrypto -lz -lpcre2-8
+ifeq ($(STATIC_DEPS),1)
+DEP_LIBS := -Wl,-Bstatic $(DEP_LIBS) -Wl,-Bdynamic
+endif
+LDLIBS  := $(DEP_LIBS) -lm -pthread -ldl
 SAN     ?= 0
 ifeq ($(SAN),1)
 CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
@@ -12,7 +19,17 @@ BUILD   ?= build-san
 else
 BUILD   ?= build
 endif
-CUDA    ?= $(if $(shell command -v nvcc 2>/dev/null),1,0)
+# The CUDA backend (ref-engine/cuda/*.cu) is built when nvcc is found; CUDA=0 forces it off, and
+# the sanitizer build leaves it out (ASan and the CUDA runtime do not mix).
+NVCC    ?= nvcc
+ifeq ($(SAN),1)
+CUDA    := 0
+endif
+CUDA    ?= $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
+CUDA_HOME ?= $(patsubst %/bin/,%,$(dir $(shell command -v $(NVCC) 2>/dev/null)))
+NVCCFLAGS ?= -O3 -g -lineinfo
+NVCCFLAGS += -std=c++17 -Ilib -Iref-engine -Xcompiler -Wall,-Wextra,-Werror -Werror all-warnings \
+	     -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=compute_80
 
 LIB_SRC   := $(wildcard lib/*.c)
 LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
@@ -20,7 +37,14 @@ LIB_A     := $(BUILD)/libdsv3.a
 # The reference engine: ref-engine/*.c and its backends (cpu/) form libdsv3engine.a; each
 # ref-engine/main/NAME.c is the main of build/bin/dsv3-NAME.
 ENGINE_SRC := $(wildcard ref-engine/*.c ref-engine/cpu/*.c)
-ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/obj/%.o)
+ifeq ($(CUDA),1)
+CUDA_SRC   := $(wildcard ref-engine/cuda/*.cu)
+LDLIBS     += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart_static \
+	      -ldl -lrt -lstdc++
+else
+ENGINE_SRC += $(wildcard ref-engine/nocuda/*.c)
+endif
+ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/obj/%.o) $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
 ENGINE_A   := $(if $(ENGINE_SRC),$(BUILD)/libdsv3engine.a)
 ENGINE_MAINS := $(patsubst ref-engine/main/%.c,$(BUILD)/bin/dsv3-%,$(wildcard ref-engine/main/*.c))
 TOOL_DIRS := $(notdir $(wildcard tools/*))
@@ -39,6 +63,10 @@ all: $(TOOLS)
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
 
 $(LIB_A): $(LIB_OBJ)
 	@rm -f $@
@@ -68,7 +96,7 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT) $(ENGINE_A) $(LIB_A)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
 
 # libFuzzer targets over the parsers (DESIGN §8), built with clang, ASan and UBSan.
-build-fuzz/%: tests/fuzz/%.c $(LIB_SRC) $(ENGINE_SRC)
+build-fuzz/%: tests/fuzz/%.c $(LIB_SRC) $(filter-out ref-engine/nocuda/%,$(ENGINE_SRC)) ref-engine/nocuda/cuda_none.c
 	@mkdir -p $(dir $@)
 	clang -std=c11 -D_GNU_SOURCE -g -O1 -Ilib -Iref-engine -fsanitize=fuzzer,address,undefined \
 		-fno-sanitize-recover=all -o $@ $^ $(LDLIBS)

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda_model.h"
 #include "model_load.h"
 
 /* ---- derived numbers ---- */
@@ -179,6 +180,30 @@ int model_open(Model *m, const char *dir, int max_seq_len, int n_seqs, int n_thr
 int model_open_config(Model *m, const char *dir, const char *config_path, int max_seq_len,
 		      int n_seqs, int n_threads, dsv3_error *err)
 {
+	return model_open_device(m, dir, config_path, max_seq_len, n_seqs, n_threads, MODEL_DEVICE_CPU, err);
+}
+
+int model_device_parse(const char *name, model_device *out, dsv3_error *err)
+{
+	if (!strcmp(name, "cpu"))
+		*out = MODEL_DEVICE_CPU;
+	else if (!strcmp(name, "cuda"))
+		*out = MODEL_DEVICE_CUDA;
+	else if (!strcmp(name, "auto"))
+		*out = MODEL_DEVICE_AUTO;
+	else
+		return dsv3_fail(err, DSV3_EUSAGE, "--device: unknown device '%s' (cpu, cuda or auto)", name);
+	return DSV3_OK;
+}
+
+const char *model_device_name(model_device d)
+{
+	return d == MODEL_DEVICE_CUDA ? "cuda" : d == MODEL_DEVICE_CPU ? "cpu" : "auto";
+}
+
+int model_open_device(Model *m, const char *dir, const char *config_path, int max_seq_len,
+		      int n_seqs, int n_threads, model_device device, dsv3_error *err)
+{
 	char path[4096];
 	int rc;
 	memset(m, 0, sizeof *m);
@@ -201,16 +226,36 @@ int model_open_config(Model *m, const char *dir, const char *config_path, int ma
 		return rc;
 	}
 	m->pool = thread_pool_create(n_threads);
-	if (!m->pool || state_alloc(&m->state, cf, n_seqs)) {
+	m->batch_logits = calloc((size_t)n_seqs * cf->c.vocab_size, sizeof(float));
+	if (!m->pool || !m->batch_logits || state_alloc(&m->state, cf, n_seqs)) {
 		model_close(m);
 		return dsv3_fail(err, DSV3_EIO, "%s: out of memory for the state (max_seq_len %d)",
 				 dir, cf->max_seq_len);
+	}
+	if (device == MODEL_DEVICE_AUTO)
+		device = cuda_model_available(NULL, 0) ? MODEL_DEVICE_CUDA : MODEL_DEVICE_CPU;
+	m->device = device;
+	if (device == MODEL_DEVICE_CUDA) {
+		char why[256];
+		if (!cuda_model_available(why, sizeof why)) {
+			model_close(m);
+			return dsv3_fail(err, DSV3_EUSAGE, "--device cuda: %s", why);
+		}
+		if ((rc = cuda_model_open(&m->gpu, cf, &m->weights, n_seqs, err))) {
+			model_close(m);
+			return rc;
+		}
 	}
 	return 0;
 }
 
 void model_close(Model *m)
 {
+	if (m->gpu)
+		cuda_model_close(m->gpu);
+	m->gpu = NULL;
+	free(m->batch_logits);
+	m->batch_logits = NULL;
 	weights_free(&m->weights, &m->config.c);
 	state_free(&m->state);
 	if (m->pool)
@@ -384,12 +429,20 @@ static void forward_blocks(Model *m, int seq, int token, int pos)
 
 void forward_no_logits(Model *m, int seq, int token, int pos)
 {
+	if (m->gpu) {
+		cuda_forward_prompt(m->gpu, seq, &token, 1, pos, NULL);
+		return;
+	}
 	forward_blocks(m, seq, token, pos);
 }
 
 float *forward(Model *m, int seq, int token, int pos)
 {
 	RunState *s = &m->state;
+	if (m->gpu) {
+		cuda_forward_batch(m->gpu, 1, &seq, &token, &pos, s->logits);
+		return s->logits;
+	}
 	forward_blocks(m, seq, token, pos);
 	op_rmsnorm(s->x, s->x, &m->weights.norm, m->config.c.dim, m->config.eps);
 	op_matvec(m->pool, s->logits, &m->weights.head, s->x);
@@ -525,6 +578,10 @@ float *forward_prompt(Model *m, int seq, const int *tokens, int n, int pos)
 	int dim = m->config.c.dim, last = 0;
 	if (n < 1)
 		return NULL;
+	if (m->gpu) {
+		cuda_forward_prompt(m->gpu, seq, tokens, n, pos, s->logits);
+		return s->logits;
+	}
 	for (int done = 0; done < n; done += last) {
 		last = n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK;
 		forward_chunk(m, seq, tokens + done, last, pos + done);
@@ -533,4 +590,17 @@ float *forward_prompt(Model *m, int seq, const int *tokens, int n, int pos)
 	op_rmsnorm(s->x, s->x, &m->weights.norm, dim, m->config.eps);
 	op_matvec(m->pool, s->logits, &m->weights.head, s->x);
 	return s->logits;
+}
+
+float *forward_batch(Model *m, int n, const int *seqs, const int *tokens, const int *pos)
+{
+	size_t vocab = (size_t)m->config.c.vocab_size;
+	if (m->gpu) {
+		cuda_forward_batch(m->gpu, n, seqs, tokens, pos, m->batch_logits);
+		return m->batch_logits;
+	}
+	for (int i = 0; i < n; i++)
+		memcpy(m->batch_logits + i * vocab, forward(m, seqs[i], tokens[i], pos[i]),
+		       sizeof(float) * vocab);
+	return m->batch_logits;
 }

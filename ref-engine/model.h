@@ -68,11 +68,21 @@ typedef struct {
 
 #define PREFILL_CHUNK 32
 
+/* Where the forward pass runs (DESIGN §5): the CPU backend (cpu/ops_cpu.c) or the CUDA one
+ * (cuda/, built when nvcc is found). MODEL_DEVICE_AUTO picks CUDA when it is built and a GPU
+ * is visible, the CPU otherwise. */
+typedef enum { MODEL_DEVICE_AUTO = 0, MODEL_DEVICE_CPU, MODEL_DEVICE_CUDA } model_device;
+
+struct cuda_model; /* cuda_model.h */
+
 typedef struct {
 	Config config;
 	Weights weights;
 	RunState state;
 	thread_pool *pool;
+	model_device device;     /* CPU or CUDA once open, never AUTO */
+	struct cuda_model *gpu;  /* the device copy of the weights and state; NULL on the CPU */
+	float *batch_logits;     /* [n_seqs, vocab]: forward_batch's result */
 } Model;
 
 /* Opens a checkpoint directory (HF layout, FP8 or BF16, or converted model{r}-mp{N} shards,
@@ -85,7 +95,13 @@ int model_open(Model *m, const char *dir, int max_seq_len, int n_seqs, int n_thr
  * config, e.g. config_671B.json) instead of DIR/config.json; NULL means DIR/config.json. */
 int model_open_config(Model *m, const char *dir, const char *config_path, int max_seq_len,
 		      int n_seqs, int n_threads, dsv3_error *err);
+/* The same on a chosen device ("cpu", "cuda" or "auto" through model_device_parse). */
+int model_open_device(Model *m, const char *dir, const char *config_path, int max_seq_len,
+		      int n_seqs, int n_threads, model_device device, dsv3_error *err);
 void model_close(Model *m);
+/* "cpu", "cuda" or "auto" -> *out; anything else is DSV3_EUSAGE. */
+int model_device_parse(const char *name, model_device *out, dsv3_error *err);
+const char *model_device_name(model_device d);
 
 /* Feeds `token` at position `pos` of sequence `seq` (positions 0..pos-1 must have been fed);
  * returns state.logits [vocab] for the next token. */
@@ -96,6 +112,10 @@ void forward_no_logits(Model *m, int seq, int token, int pos);
  * each weight is read once per chunk; returns the logits after the last one. Every number
  * equals forward()'s token by token, bit for bit. */
 float *forward_prompt(Model *m, int seq, const int *tokens, int n, int pos);
+/* One decode step of n sequences together: token tokens[i] at position pos[i] of sequence
+ * seqs[i] (distinct sequences, n <= n_seqs). Returns batch_logits, [n, vocab] in the order
+ * given; on the CPU each row equals forward()'s, on CUDA the step is one graph replay. */
+float *forward_batch(Model *m, int n, const int *seqs, const int *tokens, const int *pos);
 
 /* The derived numbers of DESIGN §4 (exposed for tests). */
 float model_softmax_scale(const dsv3_config *c, int max_seq_len);
