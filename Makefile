@@ -138,4 +138,12 @@ PREFIX ?= /usr/local
 clean:
 	rm -rf build build-san build-fuzz
 
+# bench/gpu_peak.cu: the GPU's copy bandwidth and cuBLAS BF16 matmul rate (bench/gpu.sh).
+ifeq ($(CUDA),1)
+all: $(BUILD)/bin/dsv3-gpu-peak
+$(BUILD)/bin/dsv3-gpu-peak: bench/gpu_peak.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -o $@ $< -L$(CUDA_HOME)/lib64 -Xlinker -rpath,$(CUDA_HOME)/lib64 -lcublas
+endif
+
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
