@@ -275,9 +275,6 @@ static void test_generate_flags(void **state)
 	const char *in = path_in(g_dir, "f.txt");
 	write_prompts(in, prompts, 1);
 	char args[512];
-	snprintf(args, sizeof args, "--input-file %s --device cuda", in);
-	assert_int_equal(gen(args, "/dev/null", err), 1);
-	assert_file_contains(err, "not built yet");
 	snprintf(args, sizeof args, "--input-file %s --device tpu", in);
 	assert_int_equal(gen(args, "/dev/null", err), 1);
 	assert_int_equal(gen("", "/dev/null", err), 1);
@@ -301,6 +298,120 @@ static void test_generate_flags(void **state)
 	assert_true(!strncmp(text, "Prompt: Hi\nCompletion: ", strlen("Prompt: Hi\nCompletion: ")));
 	assert_null(strstr(text + 1, "Prompt:"));
 	free(text);
+}
+
+/* A GPU the CUDA backend could use; the no-GPU checks below only hold without one. */
+static int gpu_visible(void)
+{
+	return run_shell("nvidia-smi -L >/dev/null 2>&1") == 0;
+}
+
+static void test_generate_unknown_device_exits_1_naming_it(void **state)
+{
+	(void)state;
+	const char *in = path_in(g_dir, "dev.txt"), *err = path_in(g_dir, "dev.err");
+	write_prompts(in, prompts, 1);
+	char args[512];
+	snprintf(args, sizeof args, "--input-file %s --device bogus", in);
+	assert_int_equal(gen(args, "/dev/null", err), 1);
+	assert_file_contains(err, "'bogus'");
+}
+
+/* Without a GPU (or without the CUDA backend) --device cuda is a usage error that says why;
+ * nothing is generated. */
+static void test_generate_device_cuda_without_gpu_exits_1_saying_why(void **state)
+{
+	(void)state;
+	if (gpu_visible())
+		skip();
+	const char *in = path_in(g_dir, "dev.txt"), *out = path_in(g_dir, "dev.out"), *err = path_in(g_dir, "dev.err");
+	write_prompts(in, prompts, 1);
+	char args[512];
+	snprintf(args, sizeof args, "--input-file %s --max-new-tokens 1 --device cuda", in);
+	assert_int_equal(gen(args, out, err), 1);
+	assert_file_contains(err, "--device cuda: ");
+	assert_false(file_contains(out, "Completion:"));
+}
+
+/* The device used is said once on stderr; auto falls back to the CPU without a GPU. */
+static void test_generate_says_the_device_used(void **state)
+{
+	(void)state;
+	const char *in = path_in(g_dir, "dev.txt"), *err = path_in(g_dir, "dev.err");
+	write_prompts(in, prompts, 1);
+	char args[512];
+	snprintf(args, sizeof args, "--input-file %s --max-new-tokens 1 --device cpu", in);
+	assert_int_equal(gen(args, "/dev/null", err), 0);
+	assert_file_contains(err, "device: cpu\n");
+	if (gpu_visible())
+		return;
+	snprintf(args, sizeof args, "--input-file %s --max-new-tokens 1", in);
+	assert_int_equal(gen(args, "/dev/null", err), 0);
+	assert_file_contains(err, "device: cpu\n");
+}
+
+/* How many tokens sequence i generated, from the dump at path. */
+static int64_t dumped_steps(const char *path, int i)
+{
+	st_file f;
+	assert_int_equal(st_open(&f, path, &st_err), 0);
+	int64_t n = find(&f, "seq%d.tokens", i)->shape[0];
+	st_close(&f);
+	return n;
+}
+
+/* Batched decode (one forward_batch per step over the sequences still going) with prompts that
+ * stop at different steps: with --max-seq-len 26 the 22-token poem prompt, put first, has room
+ * for 4 tokens, the others for all 8, so after 4 steps the batch is the second and third
+ * sequence only (rows 0 and 1 of the step's logits belong to sequences 1 and 2). Each prompt's
+ * tokens, logits and text are those it gets alone, and decode counts every sequence's fed-back
+ * tokens: (4 - 1) + (8 - 1) + (8 - 1) = 17. */
+static void test_generate_batch_shrinking_as_prompts_end_matches_each_alone(void **state)
+{
+	(void)state;
+	const char *order[3] = { prompts[2], prompts[0], prompts[1] };
+	const char *in = path_in(g_dir, "shrink.txt");
+	write_prompts(in, order, 3);
+	const char *st = fresh_path(g_dir, "shrink.st"), *err = fresh_path(g_dir, "shrink.err");
+	const char *out = fresh_path(g_dir, "shrink.out");
+	char args[512], *alone = calloc(1, 1);
+	size_t alone_len = 0;
+	snprintf(args, sizeof args, "--input-file %s --temperature 0 --max-new-tokens 8 --max-seq-len 26 "
+		 "--dump-logits %s", in, st);
+	assert_int_equal(gen(args, out, err), 0);
+	assert_int_equal(dumped_steps(st, 0), 4);
+	assert_int_equal(dumped_steps(st, 1), 8);
+	assert_int_equal(dumped_steps(st, 2), 8);
+	assert_file_contains(err, "decode: 17 tokens");
+	st_file batch, one;
+	assert_int_equal(st_open(&batch, st, &st_err), 0);
+	for (int i = 0; i < 3; i++) {
+		const char *in1 = path_in(g_dir, "shrink1.txt"), *st1 = fresh_path(g_dir, "shrink1.st");
+		const char *out1 = fresh_path(g_dir, "shrink1.out");
+		write_prompts(in1, &order[i], 1);
+		snprintf(args, sizeof args, "--input-file %s --temperature 0 --max-new-tokens 8 --max-seq-len 26 "
+			 "--dump-logits %s", in1, st1);
+		assert_int_equal(gen(args, out1, "/dev/null"), 0);
+		size_t len;
+		char *text = assert_read_file(out1, &len);
+		alone = realloc(alone, alone_len + len + 1);
+		memcpy(alone + alone_len, text, len + 1);
+		alone_len += len;
+		free(text);
+		assert_int_equal(st_open(&one, st1, &st_err), 0);
+		const char *names[2] = { "seq%d.logits", "seq%d.tokens" };
+		for (int k = 0; k < 2; k++) {
+			const st_tensor *a = find(&batch, names[k], i), *b = find(&one, names[k], 0);
+			assert_int_equal(a->nbytes, b->nbytes);
+			assert_memory_equal(a->data, b->data, a->nbytes);
+		}
+		st_close(&one);
+	}
+	st_close(&batch);
+	char *text = assert_read_file(out, NULL);
+	assert_string_equal(text, alone);
+	free(text);
+	free(alone);
 }
 
 /* The demo's rule draws token i with probability softmax(logits / T)_i: frequencies of 40000
@@ -354,6 +465,10 @@ int main(void)
 		cmocka_unit_test(test_generate_interactive_two_turns_then_exit),
 		cmocka_unit_test(test_generate_interactive_clear_and_eof),
 		cmocka_unit_test(test_generate_flags),
+		cmocka_unit_test(test_generate_unknown_device_exits_1_naming_it),
+		cmocka_unit_test(test_generate_device_cuda_without_gpu_exits_1_saying_why),
+		cmocka_unit_test(test_generate_says_the_device_used),
+		cmocka_unit_test(test_generate_batch_shrinking_as_prompts_end_matches_each_alone),
 	};
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -303,6 +303,50 @@ static void test_verify_usage_help_version(void **state)
 	assert_int_equal(run_shell("%s/dsv3-verify ckpt a b 2>/dev/null", bin_dir()), 1);
 }
 
+/* ---- logits --device: unknown and unavailable devices refused, the limits named ---- */
+
+/* A GPU the CUDA backend could use; the no-GPU checks below only hold without one. */
+static int gpu_visible(void)
+{
+	return run_shell("nvidia-smi -L >/dev/null 2>&1") == 0;
+}
+
+static int verify_logits_on_tiny(const char *tmp, const char *device)
+{
+	char *dir = strdup(path_in(tmp, "tiny"));
+	if (!path_exists(dir))
+		synth("tiny", dir, 1);
+	int rc = run_shell("%s/dsv3-verify logits --ckpt-path %s --golden golden/tiny.safetensors --device %s "
+			   ">%s 2>%s", bin_dir(), dir, device, path_in(tmp, "stdout"), err_path(tmp));
+	free(dir);
+	return rc;
+}
+
+static void test_verify_logits_unknown_device_exits_1_naming_it(void **state)
+{
+	const char *tmp = *state;
+	assert_int_equal(verify_logits_on_tiny(tmp, "bogus"), 1);
+	assert_file_contains(err_path(tmp), "'bogus'");
+}
+
+static void test_verify_logits_device_cuda_without_gpu_exits_1_saying_why(void **state)
+{
+	const char *tmp = *state;
+	if (gpu_visible())
+		skip();
+	assert_int_equal(verify_logits_on_tiny(tmp, "cuda"), 1);
+	assert_file_contains(err_path(tmp), "--device cuda: ");
+	assert_false(file_contains(path_in(tmp, "stdout"), "OK "));
+}
+
+/* DESIGN §6: the CPU's limits are rel-L2 <= 1e-4 and top-1 100%; the run says so. */
+static void test_verify_logits_cpu_states_its_limits(void **state)
+{
+	const char *tmp = *state;
+	assert_int_equal(verify_logits_on_tiny(tmp, "cpu"), 0);
+	assert_file_contains(path_in(tmp, "stdout"), "device cpu, limits: rel-L2 <= 1e-4 and top-1 100%");
+}
+
 #define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, tmp_dir_teardown)
 
 int main(void)
@@ -317,6 +361,9 @@ int main(void)
 		T(test_verify_ckpt_names_each_structural_problem),
 		T(test_verify_ckpt_names_unexpected_tensor),
 		cmocka_unit_test(test_verify_usage_help_version),
+		T(test_verify_logits_unknown_device_exits_1_naming_it),
+		T(test_verify_logits_device_cuda_without_gpu_exits_1_saying_why),
+		T(test_verify_logits_cpu_states_its_limits),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -9,10 +9,21 @@
 #include <string.h>
 
 #include "cli.h"
+#include "cuda_model.h"
 #include "model.h"
 #include "verify.h"
 
-#define LIMIT_REL_L2 1e-4 /* CPU fp32 path, DESIGN §6 */
+/* DESIGN §6's limits: the CPU's fp32 path must match closely and pick the same top-1 token; the
+ * GPU's bf16/FP8 arithmetic (tensor cores, other summation orders) only within rel-L2 and KL,
+ * since near-ties of random weights may flip the argmax. */
+typedef struct {
+	double rel_l2, kl; /* kl < 0: not checked */
+	int top1;          /* every row's argmax must agree */
+	const char *text;
+} limits;
+
+static const limits cpu_limits = { 1e-4, -1, 1, "rel-L2 <= 1e-4 and top-1 100% (CPU fp32)" };
+static const limits gpu_limits = { 2e-2, 1e-3, 0, "rel-L2 <= 2e-2 and KL <= 1e-3 (GPU)" };
 
 typedef struct {
 	double max_abs, rel_l2, kl; /* worst row */
@@ -23,19 +34,22 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " VERIFY_PROG " logits --ckpt-path DIR --golden FILE [--max-seq-len N]\n"
-		"                          [--device cpu] [--threads T] [--verbose]\n"
+		"                          [--device cpu|cuda|auto] [--threads T] [--verbose]\n"
 		"Runs the engine teacher-forced over every case of a golden file and compares its\n"
 		"logits with the reference's: per case the worst row's max abs error, relative L2\n"
 		"error and KL(ref||ours), and top-1 agreement.\n"
 		"  --ckpt-path DIR    checkpoint (HF FP8/BF16 or converted model{r}-mp{N} shards)\n"
 		"  --golden FILE      golden safetensors file\n"
 		"  --max-seq-len N    engine max_seq_len (default: the golden file's max_seq_len)\n"
-		"  --device cpu       the backend (only cpu in this build)\n"
+		"  --device D         cpu (default), cuda, or auto (cuda when built and a GPU is\n"
+		"                     visible); the limits follow the device used\n"
 		"  --threads T        worker threads (default: all cores)\n"
 		"  --verbose          one line per row\n"
 		"  --help, --version\n"
-		"Exit: 0 every case within rel-L2 <= 1e-4 and top-1 100%%, 2 otherwise or bad input,\n"
-		"1 usage error, 3 I/O error.\n");
+		"Limits (DESIGN §6): cpu rel-L2 <= 1e-4 and top-1 100%%; cuda rel-L2 <= 2e-2 and\n"
+		"KL <= 1e-3 (top-1 reported, not required).\n"
+		"Exit: 0 every case within the limits, 2 otherwise or bad input, 1 usage error,\n"
+		"3 I/O error.\n");
 }
 
 static const char *metadata(const st_file *f, const char *key)
@@ -118,8 +132,14 @@ static int case_shapes(const st_file *g, const char *name, const st_tensor *tok,
 	return 0;
 }
 
+static int within(const case_result *r, const limits *lim)
+{
+	return r->rel_l2 <= lim->rel_l2 && (lim->kl < 0 || r->kl <= lim->kl) &&
+	       (!lim->top1 || r->top1_agree == r->rows);
+}
+
 static int run_case(Model *m, const st_file *g, const st_tensor *tok, double *work,
-		    int verbose, case_result *r, dsv3_error *err)
+		    int verbose, const limits *lim, case_result *r, dsv3_error *err)
 {
 	char name[256];
 	int P = 0, S = 0, V = m->config.c.vocab_size;
@@ -146,15 +166,25 @@ static int run_case(Model *m, const st_file *g, const st_tensor *tok, double *wo
 		if (s >= 0)
 			compare_row(ref + (size_t)s * V, logits, V, work, r, verbose, s);
 	}
-	int pass = r->rel_l2 <= LIMIT_REL_L2 && r->top1_agree == r->rows;
+	int pass = within(r, lim);
 	printf("%s %s: rows %d max_abs %.3e rel_l2 %.3e kl %.3e top1 %d/%d\n",
 	       pass ? "OK  " : "FAIL", name, r->rows, r->max_abs, r->rel_l2, r->kl, r->top1_agree,
 	       r->rows);
 	return 0;
 }
 
+/* A named GPU that is not there is a usage error, before anything is opened. */
+static int parse_device(const char *name, model_device *device, dsv3_error *err)
+{
+	char why[256];
+	int rc = model_device_parse(name, device, err);
+	if (!rc && *device == MODEL_DEVICE_CUDA && !cuda_model_available(why, sizeof why))
+		rc = dsv3_fail(err, DSV3_EUSAGE, "--device cuda: %s", why);
+	return rc;
+}
+
 static int parse_args(int argc, char **argv, const char **ckpt, const char **golden,
-		      int *max_seq, int *threads, int *verbose, int *done)
+		      int *max_seq, int *threads, model_device *device, int *verbose, int *done)
 {
 	static const struct option longopts[] = {
 		{ "ckpt-path", required_argument, NULL, 'c' },
@@ -177,11 +207,7 @@ static int parse_args(int argc, char **argv, const char **ckpt, const char **gol
 		case 'm': rc = cli_parse_int(optarg, "--max-seq-len", 1, 1 << 24, max_seq, &err); break;
 		case 't': rc = cli_parse_int(optarg, "--threads", 1, 4096, threads, &err); break;
 		case 'v': *verbose = 1; break;
-		case 'd':
-			if (strcmp(optarg, "cpu"))
-				rc = dsv3_fail(&err, DSV3_EUSAGE, "--device %s: this build has only cpu",
-					       optarg);
-			break;
+		case 'd': rc = parse_device(optarg, device, &err); break;
 		case 'h': usage(stdout); *done = 1; return 0;
 		case 'V': cli_print_version(VERIFY_PROG); *done = 1; return 0;
 		default: rc = cli_bad_option(argv, &err);
@@ -198,7 +224,8 @@ static int parse_args(int argc, char **argv, const char **ckpt, const char **gol
 	return rc;
 }
 
-static int verify_cases(Model *m, const st_file *g, int verbose, int *failed, dsv3_error *err)
+static int verify_cases(Model *m, const st_file *g, int verbose, const limits *lim, int *failed,
+			dsv3_error *err)
 {
 	double *work = malloc(sizeof(double) * 2 * (size_t)m->config.c.vocab_size);
 	int rc = 0, n = 0;
@@ -210,8 +237,8 @@ static int verify_cases(Model *m, const st_file *g, int verbose, int *failed, ds
 		if (len <= 7 || strcmp(t->name + len - 7, ".tokens"))
 			continue;
 		case_result r;
-		rc = run_case(m, g, t, work, verbose, &r, err);
-		if (!rc && (r.rel_l2 > LIMIT_REL_L2 || r.top1_agree != r.rows))
+		rc = run_case(m, g, t, work, verbose, lim, &r, err);
+		if (!rc && !within(&r, lim))
 			(*failed)++;
 		n++;
 	}
@@ -225,7 +252,8 @@ int verify_logits(int argc, char **argv)
 {
 	const char *ckpt = NULL, *golden = NULL;
 	int max_seq = 0, threads = 0, verbose = 0, done, failed = 0;
-	int rc = parse_args(argc, argv, &ckpt, &golden, &max_seq, &threads, &verbose, &done);
+	model_device device = MODEL_DEVICE_CPU;
+	int rc = parse_args(argc, argv, &ckpt, &golden, &max_seq, &threads, &device, &verbose, &done);
 	if (rc || done)
 		return rc;
 	dsv3_error err = { 0 };
@@ -236,16 +264,18 @@ int verify_logits(int argc, char **argv)
 	if (!max_seq && ms)
 		max_seq = atoi(ms);
 	Model m;
-	rc = model_open(&m, ckpt, max_seq, 1, threads, &err);
+	const limits *lim = &cpu_limits;
+	rc = model_open_device(&m, ckpt, NULL, max_seq, 1, threads, device, &err);
 	if (!rc) {
-		rc = verify_cases(&m, &g, verbose, &failed, &err);
+		lim = m.device == MODEL_DEVICE_CUDA ? &gpu_limits : &cpu_limits;
+		printf("device %s, limits: %s\n", model_device_name(m.device), lim->text);
+		rc = verify_cases(&m, &g, verbose, lim, &failed, &err);
 		model_close(&m);
 	}
 	st_close(&g);
 	if (rc)
 		return dsv3_report(VERIFY_PROG, &err);
 	if (failed)
-		fprintf(stderr, VERIFY_PROG " logits: %d case(s) outside rel-L2 <= 1e-4 and top-1 100%%\n",
-			failed);
+		fprintf(stderr, VERIFY_PROG " logits: %d case(s) outside %s\n", failed, lim->text);
 	return failed ? DSV3_EDATA : DSV3_OK;
 }

@@ -18,7 +18,7 @@ static const verify_command commands[] = {
 	  verify_checksums },
 	{ "ckpt", "structure against config.json: tensors, dtypes, shapes, scale shapes, index",
 	  verify_ckpt },
-	{ "logits", "the engine's logits against a golden file, teacher-forced (CPU)",
+	{ "logits", "the engine's logits against a golden file, teacher-forced (CPU or CUDA)",
 	  verify_logits },
 };
 

@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "cli.h"
+#include "cuda_model.h"
 #include "error.h"
 #include "model.h"
 #include "safetensors.h"
@@ -21,8 +22,9 @@
 #define PROG "dsv3-generate"
 
 typedef struct {
-	const char *ckpt, *config, *input_file, *dump_logits, *tokenizer, *device;
+	const char *ckpt, *config, *input_file, *dump_logits, *tokenizer;
 	int interactive, max_new, max_seq_len, threads;
+	model_device device;
 	float temperature;
 	uint64_t seed;
 } options;
@@ -44,32 +46,40 @@ typedef struct {
 	float *probs; /* [vocab] sampling scratch */
 	unsigned char *special; /* [tokenizer ids]: 1 for "special" added tokens, not printed */
 	double prefill_s, decode_s;
-	long prefill_n, decode_n;
+	long prefill_n, decode_n; /* decode_n counts every sequence's tokens of a batched step */
 } engine;
+
+/* One decode step of the sequences still generating: forward_batch's arguments. */
+typedef struct {
+	int *seqs, *tokens, *pos; /* [n_seqs] */
+} batch_step;
 
 static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " PROG " --ckpt-path DIR (--input-file FILE | --interactive) [options]\n"
-		"Generates text with the CPU reference engine from a DeepSeek-V3/V2 checkpoint (an HF\n"
+		"Generates text with the reference engine (CPU or CUDA) from a DeepSeek-V3/V2 checkpoint (an HF\n"
 		"directory, FP8 or BF16, or converted model{r}-mp{N} shards), in DeepSeek-V3's chat format.\n"
 		"  --ckpt-path DIR       checkpoint directory (with config.json)\n"
 		"  --config FILE         accepted for the official demo's command lines; must have the same\n"
 		"                        content as DIR/config.json, which is what the engine reads\n"
-		"  --input-file FILE     one prompt per line (empty lines skipped), all run as one batch;\n"
+		"  --input-file FILE     one prompt per line (empty lines skipped), all run as one batch\n"
+		"                        (each decode step feeds every unfinished prompt together);\n"
 		"                        each is a user turn; prints Prompt:/Completion: per prompt\n"
 		"  --interactive         chat on stdin, answers streamed; /clear resets, /exit quits\n"
 		"  --max-new-tokens N    tokens to generate per answer (default 200)\n"
 		"  --temperature T       0 = greedy; else the demo's sampling (default 0.2, as generate.py)\n"
 		"  --max-seq-len N       KV cache length; also switches YaRN (default %d, as the demo)\n"
 		"  --seed S              sampling seed, unsigned 64-bit (default 0)\n"
-		"  --device cpu|cuda     cpu (default); cuda is not built yet\n"
+		"  --device D            cpu, cuda or auto (default: cuda when this build has it and a\n"
+		"                        GPU is visible, else cpu); the device used is printed on stderr\n"
 		"  --threads N           worker threads (default: all cores)\n"
 		"  --dump-logits FILE    safetensors with seq{i}.logits F32 [steps, vocab] and seq{i}.tokens\n"
 		"                        I64 [steps] of every generated step (batch mode)\n"
 		"  --tokenizer DIR       tokenizer.json and tokenizer_config.json (default: --ckpt-path)\n"
 		"  --help, --version\n"
-		"Prefill and decode tokens/s are printed on stderr.\n",
+		"Prefill and decode tokens/s are printed on stderr; decode counts the tokens of all\n"
+		"sequences of a batched step.\n",
 		MODEL_DEFAULT_MAX_SEQ_LEN);
 }
 
@@ -95,16 +105,19 @@ static int parse_u64(const char *s, const char *flag, uint64_t *out, dsv3_error 
 	return DSV3_OK;
 }
 
-static int check_options(options *o, dsv3_error *err)
+static int check_options(options *o, const char *device, dsv3_error *err)
 {
 	if (!o->ckpt)
 		return dsv3_fail(err, DSV3_EUSAGE, "--ckpt-path DIR is required (try --help)");
 	if (!o->input_file == !o->interactive)
 		return dsv3_fail(err, DSV3_EUSAGE, "give exactly one of --input-file FILE and --interactive");
-	if (!strcmp(o->device, "cuda"))
-		return dsv3_fail(err, DSV3_EUSAGE, "--device cuda: the CUDA backend is not built yet; use --device cpu");
-	if (strcmp(o->device, "cpu"))
-		return dsv3_fail(err, DSV3_EUSAGE, "--device: unknown device '%s' (cpu or cuda)", o->device);
+	int rc = model_device_parse(device, &o->device, err);
+	if (rc)
+		return rc;
+	/* Asked for by name, a missing GPU is a usage error before anything is loaded. */
+	char why[256];
+	if (o->device == MODEL_DEVICE_CUDA && !cuda_model_available(why, sizeof why))
+		return dsv3_fail(err, DSV3_EUSAGE, "--device cuda: %s", why);
 	if (o->dump_logits && o->interactive)
 		return dsv3_fail(err, DSV3_EUSAGE, "--dump-logits works with --input-file only");
 	if (!o->tokenizer)
@@ -125,6 +138,7 @@ static int parse_options(int argc, char **argv, options *o, dsv3_error *err)
 		{ "help", no_argument, 0, 'h' },		 { "version", no_argument, 0, 'V' },
 		{ 0, 0, 0, 0 },
 	};
+	const char *device = "auto";
 	int c, rc = 0;
 	while (!rc && (c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
@@ -136,7 +150,7 @@ static int parse_options(int argc, char **argv, options *o, dsv3_error *err)
 		case 'T': rc = parse_float(optarg, "--temperature", &o->temperature, err); break;
 		case 'L': rc = cli_parse_int(optarg, "--max-seq-len", 1, 1 << 30, &o->max_seq_len, err); break;
 		case 's': rc = parse_u64(optarg, "--seed", &o->seed, err); break;
-		case 'D': o->device = optarg; break;
+		case 'D': device = optarg; break;
 		case 't': rc = cli_parse_int(optarg, "--threads", 1, 4096, &o->threads, err); break;
 		case 'd': o->dump_logits = optarg; break;
 		case 'k': o->tokenizer = optarg; break;
@@ -147,7 +161,7 @@ static int parse_options(int argc, char **argv, options *o, dsv3_error *err)
 	}
 	if (!rc)
 		rc = cli_no_operands(argc, argv, err);
-	return rc ? rc : check_options(o, err);
+	return rc ? rc : check_options(o, device, err);
 }
 
 /* Whole file into a malloc'ed NUL-terminated buffer. */
@@ -222,9 +236,9 @@ static void prefill(engine *e, int i, sequence *s, int from)
 	e->prefill_n += s->n_prompt - from;
 }
 
-/* Samples the next token of sequence i from its logits and, unless it ends the sequence, feeds
- * it. Returns the token. */
-static int32_t step(engine *e, int i, sequence *s)
+/* Samples the next token of s from its logits and appends it; s is done when the token is EOS
+ * or no more may follow. Returns the token. */
+static int32_t choose(engine *e, sequence *s)
 {
 	const options *o = e->o;
 	int32_t t = sample_token(&s->smp, s->logits, e->vocab, o->temperature, e->probs);
@@ -233,12 +247,19 @@ static int32_t step(engine *e, int i, sequence *s)
 	int pos = s->n_prompt + s->n_gen;
 	s->tokens[pos] = t;
 	s->n_gen++;
-	if (t == tokenizer_eos_id(e->tok) || s->n_gen == o->max_new || pos + 1 == e->m.config.max_seq_len) {
+	if (t == tokenizer_eos_id(e->tok) || s->n_gen == o->max_new || pos + 1 == e->m.config.max_seq_len)
 		s->done = 1;
+	return t;
+}
+
+/* Chooses the next token of sequence i and, unless it ends the sequence, feeds it. */
+static int32_t step(engine *e, int i, sequence *s)
+{
+	int32_t t = choose(e, s);
+	if (s->done)
 		return t;
-	}
 	double t0 = now_s();
-	memcpy(s->logits, forward(&e->m, i, t, pos), sizeof(float) * (size_t)e->vocab);
+	memcpy(s->logits, forward(&e->m, i, t, s->n_prompt + s->n_gen - 1), sizeof(float) * (size_t)e->vocab);
 	e->decode_s += now_s() - t0;
 	e->decode_n++;
 	return t;
@@ -347,12 +368,13 @@ static int engine_open(engine *e, const options *o, int n_seqs, dsv3_error *err)
 		tokenizer_close(e->tok);
 		return rc;
 	}
-	rc = model_open(&e->m, o->ckpt, o->max_seq_len, n_seqs, o->threads, err);
+	rc = model_open_device(&e->m, o->ckpt, NULL, o->max_seq_len, n_seqs, o->threads, o->device, err);
 	if (rc) {
 		free(e->special);
 		tokenizer_close(e->tok);
 		return rc;
 	}
+	fprintf(stderr, "device: %s\n", model_device_name(e->m.device));
 	e->vocab = e->m.config.c.vocab_size;
 	e->probs = malloc(sizeof(float) * (size_t)e->vocab);
 	if (!e->probs)
@@ -473,20 +495,53 @@ static int batch_setup(engine *e, char **lines, sequence *seqs, int n, dsv3_erro
 	return DSV3_OK;
 }
 
-/* All sequences step together, one token each per round, until each has ended. */
-static void batch_generate(engine *e, sequence *seqs, int n)
+/* Chooses the next token of every unfinished sequence; those that go on are listed in b.
+ * Returns how many. */
+static int batch_choose(engine *e, sequence *seqs, int n, batch_step *b)
 {
+	int k = 0;
+	for (int i = 0; i < n; i++) {
+		if (seqs[i].done)
+			continue;
+		int32_t t = choose(e, &seqs[i]);
+		if (seqs[i].done)
+			continue;
+		b->seqs[k] = i, b->tokens[k] = t, b->pos[k] = seqs[i].n_prompt + seqs[i].n_gen - 1;
+		k++;
+	}
+	return k;
+}
+
+/* All sequences step together, one token each per round, until each has ended: one
+ * forward_batch per round over those still generating, so each weight is read once a step. */
+static void batch_generate(engine *e, sequence *seqs, int n, batch_step *b)
+{
+	size_t row = sizeof(float) * (size_t)e->vocab;
 	for (int i = 0; i < n; i++)
 		prefill(e, i, &seqs[i], 0);
-	for (int active = n; active;) {
-		active = 0;
-		for (int i = 0; i < n; i++) {
-			if (seqs[i].done)
-				continue;
-			step(e, i, &seqs[i]);
-			active += !seqs[i].done;
-		}
+	for (int k; (k = batch_choose(e, seqs, n, b)) > 0;) {
+		double t0 = now_s();
+		float *logits = forward_batch(&e->m, k, b->seqs, b->tokens, b->pos);
+		for (int j = 0; j < k; j++)
+			memcpy(seqs[b->seqs[j]].logits, logits + (size_t)j * e->vocab, row);
+		e->decode_s += now_s() - t0;
+		e->decode_n += k;
 	}
+}
+
+static int batch_step_alloc(batch_step *b, int n)
+{
+	b->seqs = malloc(sizeof(int) * (size_t)n);
+	b->tokens = malloc(sizeof(int) * (size_t)n);
+	b->pos = malloc(sizeof(int) * (size_t)n);
+	return b->seqs && b->tokens && b->pos;
+}
+
+static void batch_step_free(batch_step *b)
+{
+	free(b->seqs);
+	free(b->tokens);
+	free(b->pos);
 }
 
 static int batch_print(engine *e, char **lines, sequence *seqs, int n, dsv3_error *err)
@@ -508,13 +563,17 @@ static int run_batch(const options *o, dsv3_error *err)
 	int n = 0;
 	engine e;
 	sequence *seqs = NULL;
+	batch_step b = { 0 };
 	int rc = read_prompts(o->input_file, &buf, &lines, &n, err);
 	if (rc || (rc = engine_open(&e, o, n, err)))
 		goto out_prompts;
 	seqs = calloc((size_t)n, sizeof *seqs);
-	rc = seqs ? batch_setup(&e, lines, seqs, n, err) : dsv3_fail(err, DSV3_EIO, "out of memory");
+	if (!seqs || !batch_step_alloc(&b, n))
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory");
+	if (!rc)
+		rc = batch_setup(&e, lines, seqs, n, err);
 	if (!rc) {
-		batch_generate(&e, seqs, n);
+		batch_generate(&e, seqs, n, &b);
 		rc = batch_print(&e, lines, seqs, n, err);
 		print_speed(&e);
 	}
@@ -523,6 +582,7 @@ static int run_batch(const options *o, dsv3_error *err)
 	for (int i = 0; seqs && i < n; i++)
 		seq_free(&seqs[i]);
 	free(seqs);
+	batch_step_free(&b);
 	engine_close(&e);
 out_prompts:
 	free(lines);
@@ -682,7 +742,7 @@ static int run_interactive(const options *o, dsv3_error *err)
 int main(int argc, char **argv)
 {
 	options o = {
-		.device = "cpu", .max_new = 200, .temperature = 0.2f, .max_seq_len = MODEL_DEFAULT_MAX_SEQ_LEN,
+		.max_new = 200, .temperature = 0.2f, .max_seq_len = MODEL_DEFAULT_MAX_SEQ_LEN,
 	};
 	dsv3_error err = { 0 };
 	int rc = parse_options(argc, argv, &o, &err);
