@@ -111,7 +111,16 @@ $(DEPS_STAMP): scripts/deps.sh
 test: deps
 	$(MAKE) all $(TESTS)
 	$(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
+	@nvidia-smi -L >/dev/null 2>&1 || echo "test-cuda: skipped (no GPU here; run make test-cuda on a GPU machine)"
 	@DSV3_BIN=$(abspath $(BUILD)/bin) sh scripts/run_tests.sh $(TESTS)
+
+# The CUDA checks of scripts/test_cuda.sh, on the GPU machine: golden logits within DESIGN §6's
+# GPU limits, the CPU's greedy text, compute-sanitizer memcheck, build/tests-cuda/test_cuda_ops.
+# Without a GPU it prints a skip line and passes, unless DSV3_REQUIRE_GPU is set.
+.PHONY: test-cuda
+test-cuda:
+	$(MAKE) all
+	@DSV3_BIN=$(abspath $(BUILD)/bin) sh scripts/test_cuda.sh
 
 # Each fuzzer runs FUZZ_SECONDS from the committed seeds; new inputs go to build-fuzz/corpus.
 fuzz: $(FUZZERS)
