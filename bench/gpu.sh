@@ -13,6 +13,7 @@
 #   TOKENIZER   tokenizer dir (default: bench/data/tokenizer, else .deps/tokenizer)
 #   STEPS       subset of "peak synth fp8 bf16" to run (default all); the report always prints what
 #               $DATA/results.txt holds, so a run can be split over several calls (10 min limit each)
+#   PAIRS=0     skip the second (short) run of each figure: half the engine runs, one-run figures
 #   DEVICE      engine device (cuda); THREADS: --threads of the engine and synth (16)
 #   DRY_RUN=1   no GPU: a small synthetic model with the real vocabulary, --device cpu, made-up
 #               peak figures; checks the whole pipeline and the parsing
@@ -222,7 +223,14 @@ peak() {
 		return
 	fi
 	step nvidia-smi nvidia-smi -L && cat "$out/nvidia-smi.stdout"
-	step gpu-peak "$bin/dsv3-gpu-peak" || true
+	local peak_bin=$bin/dsv3-gpu-peak
+	if ! "$peak_bin" --help > /dev/null 2>&1; then
+		# not built (CUDA=0) or not runnable on this image: build it here
+		peak_bin=$data/dsv3-gpu-peak
+		step nvcc-gpu-peak nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+			-gencode=arch=compute_80,code=compute_80 -o "$peak_bin" "$here/gpu_peak.cu" -lcublas || return 0
+	fi
+	step gpu-peak "$peak_bin" || true
 	cat "$out/gpu-peak.stdout"
 	local v
 	v=$(sed -n 's/^device: //p' "$out/gpu-peak.stdout" | tr ' ' '_')
@@ -311,20 +319,24 @@ copies() {
 # prompts prefilled one after the other): the difference of their times is the work done warm,
 # free of what the first step pays once (lazy loading, cuBLAS heuristics, graph capture).
 engine() {
-	local fmt=$1 ckpt=$data/$1 short=${DECODE_SHORT:-32} long=${DECODE_LONG:-160}
+	local fmt=$1 ckpt=$data/$1 short=${DECODE_SHORT:-32} long=${DECODE_LONG:-160} pairs=${PAIRS:-1}
 	[ -f "$ckpt/SHA256SUMS" ] || { echo "gpu.sh: no checkpoint $ckpt (STEPS=synth first)"; failed=$((failed + 1)); return 0; }
+	if [ "$pairs" = 0 ]; then
+		grep -v "^$fmt\.[a-z0-9]*\.short\." "$results" > "$results.tmp" || true
+		mv "$results.tmp" "$results"
+	fi
 	record "bytes_$fmt" "$(python3 -c "$PY" bytes "$ckpt/config.json")"
 	record "bytes8_$fmt" "$(python3 -c "$PY" bytes8 "$ckpt/config.json")"
 	record "flops_$fmt.512" "$(python3 -c "$PY" flops "$ckpt/config.json" 512)"
 	record "flops_$fmt.4096" "$(python3 -c "$PY" flops "$ckpt/config.json" 4096)"
 	gen "$fmt.decode1" "$ckpt" "$prompts/decode1.txt" "$long" 1024
-	gen "$fmt.decode1.short" "$ckpt" "$prompts/decode1.txt" "$short" 1024
+	[ "$pairs" = 0 ] || gen "$fmt.decode1.short" "$ckpt" "$prompts/decode1.txt" "$short" 1024
 	gen "$fmt.decode8" "$ckpt" "$prompts/decode8.txt" "$long" 1024
-	gen "$fmt.decode8.short" "$ckpt" "$prompts/decode8.txt" "$short" 1024
+	[ "$pairs" = 0 ] || gen "$fmt.decode8.short" "$ckpt" "$prompts/decode8.txt" "$short" 1024
 	gen "$fmt.prefill512" "$ckpt" "$(copies "$prompts/prefill512.txt" 9)" 1 1024
-	gen "$fmt.prefill512.short" "$ckpt" "$prompts/prefill512.txt" 1 1024
+	[ "$pairs" = 0 ] || gen "$fmt.prefill512.short" "$ckpt" "$prompts/prefill512.txt" 1 1024
 	gen "$fmt.prefill4096" "$ckpt" "$(copies "$prompts/prefill4096.txt" 3)" 1 8192
-	gen "$fmt.prefill4096.short" "$ckpt" "$prompts/prefill4096.txt" 1 8192
+	[ "$pairs" = 0 ] || gen "$fmt.prefill4096.short" "$ckpt" "$prompts/prefill4096.txt" 1 8192
 }
 
 echo "== gpu.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), device $device, steps:$steps"
