@@ -58,8 +58,9 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " PROG " --ckpt-path DIR (--input-file FILE | --interactive) [options]\n"
-		"Generates text with the reference engine (CPU or CUDA) from a DeepSeek-V3/V2 checkpoint (an HF\n"
-		"directory, FP8 or BF16, or converted model{r}-mp{N} shards), in DeepSeek-V3's chat format.\n"
+		"Generates text with the reference engine (CPU or CUDA) from a DeepSeek-V3/V2 checkpoint\n"
+		"(an HF directory, FP8 or BF16, or converted model{r}-mp{N} shards), in DeepSeek-V3's\n"
+		"chat format.\n"
 		"  --ckpt-path DIR       checkpoint directory (with config.json)\n"
 		"  --config FILE         accepted for the official demo's command lines; must have the same\n"
 		"                        content as DIR/config.json, which is what the engine reads\n"
