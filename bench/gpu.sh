@@ -161,14 +161,15 @@ def report(path):
             rows.append((what, f"{t:,.0f} tok/s" if t else "(not run)", "", "", PEER[fmt, "decode8"]))
         for m in (512, 4096):
             key = f"{fmt}.prefill{m}"
-            t, n, one = warm(key, "prefill")
-            one = num(f"{key}.short.prefill_tps") or one
-            what = f"{F} prefill, {m} tokens ({n} warm tokens)" if t else f"{F} prefill, {m} tokens (one run)"
-            t = t or one
+            t, n, _ = warm(key, "prefill")
+            one = num(f"{key}.short.prefill_tps")
+            what = f"{F} prefill, {m} tokens ({n} warm tokens)" if t else f"{F} prefill, {m} tokens (one batch)"
+            t = t or num(f"{key}.prefill_tps")
+            alone = f"; one prompt alone {one:,.0f} tok/s" if one else ""
             fl, R = num(f"flops_{fmt}.{m}"), rate(m)
             if t and fl and R:
                 floor = R / fl
-                rows.append((what, f"{t:,.0f} tok/s ({t*fl/1e12:.1f} TFLOP/s; one prompt alone {one or 0:,.0f} tok/s)",
+                rows.append((what, f"{t:,.0f} tok/s ({t*fl/1e12:.1f} TFLOP/s{alone})",
                              f"{floor:,.0f} tok/s ({fl/1e9:.2f} GFLOP/token at {R/1e12:.0f} TFLOP/s bf16)",
                              f"{t/floor:.0%}", PEER[fmt, f"prefill{m}"]))
             else:
