@@ -28,7 +28,7 @@ endif
 CUDA    ?= $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
 CUDA_HOME ?= $(patsubst %/bin/,%,$(dir $(shell command -v $(NVCC) 2>/dev/null)))
 NVCCFLAGS ?= -O3 -g -lineinfo
-NVCCFLAGS += -std=c++17 -Ilib -Iref-engine -Xcompiler -Wall,-Wextra,-Werror -Werror all-warnings \
+NVCCFLAGS += -std=c++17 -Ilib -Iref-engine -Itests -Xcompiler -Wall,-Wextra,-Werror -Werror all-warnings \
 	     -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=compute_80
 
 LIB_SRC   := $(wildcard lib/*.c)
@@ -57,7 +57,7 @@ FUZZERS   := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(wildcard tests/fuzz/fuzz_*
 FUZZ_SECONDS ?= 20
 DEPS_STAMP := .deps/stamp
 
-.PHONY: all deps test demo bench clean install fuzz
+.PHONY: all deps test demo bench clean install fuzz cuda-tests
 all: $(TOOLS)
 
 $(BUILD)/obj/%.o: %.c
@@ -92,6 +92,13 @@ $(BUILD)/bin/dsv3-verify: $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard verify/*.c)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT) $(ENGINE_A) $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+
+# The CUDA backend's own tests (tests/cuda/*.cu), run by make test-cuda on a GPU machine.
+CUDA_TESTS := $(if $(filter 1,$(CUDA)),$(patsubst tests/cuda/%.cu,$(BUILD)/tests-cuda/%,$(wildcard tests/cuda/test_*.cu)))
+cuda-tests: $(CUDA_TESTS)
+$(BUILD)/tests-cuda/%: $(BUILD)/obj/tests/cuda/%.o $(TEST_SUPPORT) $(ENGINE_A) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
 

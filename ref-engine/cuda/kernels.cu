@@ -1,0 +1,872 @@
+/* The CUDA backend's kernels: block-FP8 / BF16 GEMV for 1-16 tokens that reads each weight
+ * once, the absorbed MLA decode attention over the compressed cache, the MoE gate and routing
+ * on the device, fused norms and RoPE. Activations are fp32 throughout; FP8 is decoded by the
+ * hardware conversion (exact: every E4M3 value is an F16 value) and scaled per 128x128 block. */
+#include "kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* ---- errors ---- */
+
+static thread_local int where_layer = -1;
+static thread_local const char *where_tensor = "";
+
+void cuda_where(int layer, const char *tensor)
+{
+	where_layer = layer;
+	where_tensor = tensor ? tensor : "";
+}
+
+void cuda_check(cudaError_t e, const char *what)
+{
+	if (e == cudaSuccess)
+		return;
+	if (where_layer >= 0)
+		fprintf(stderr, "dsv3: CUDA error in %s (layer %d, %s): %s\n", what, where_layer, where_tensor,
+			cudaGetErrorString(e));
+	else
+		fprintf(stderr, "dsv3: CUDA error in %s (%s): %s\n", what, where_tensor, cudaGetErrorString(e));
+	exit(3);
+}
+
+#define LAUNCHED(name) cuda_check(cudaGetLastError(), name)
+
+/* ---- element access ---- */
+
+__device__ __forceinline__ float bf16_f(uint16_t v) { return __uint_as_float((uint32_t)v << 16); }
+
+__device__ __forceinline__ float e4m3_f(uint8_t v)
+{
+	__half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)v, __NV_E4M3);
+	return __half2float(__half(h));
+}
+
+/* W[r, c] of expert e as fp32, block scale applied. */
+__device__ __forceinline__ float w_at(const dweight &w, int e, long long r, int c)
+{
+	long long i = (long long)e * w.estride + r * w.cols + c;
+	switch (w.dtype) {
+	case DW_F8:
+		return e4m3_f(((const uint8_t *)w.data)[i]) *
+		       w.scale[(long long)e * w.sstride + (r >> 7) * w.scale_cols + (c >> 7)];
+	case DW_BF16:
+		return bf16_f(((const uint16_t *)w.data)[i]);
+	default:
+		return ((const float *)w.data)[i];
+	}
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+	for (int o = 16; o; o >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, o);
+	return v;
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+	for (int o = 16; o; o >>= 1)
+		v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+	return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it. */
+__device__ float block_sum(float v)
+{
+	__shared__ float part[32];
+	__shared__ float total;
+	int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	v = warp_sum(v);
+	__syncthreads();
+	if (!lane)
+		part[warp] = v;
+	__syncthreads();
+	if (!warp) {
+		v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0f;
+		v = warp_sum(v);
+		if (!lane)
+			total = v;
+	}
+	__syncthreads();
+	return total;
+}
+
+__device__ float block_max(float v)
+{
+	__shared__ float part[32];
+	__shared__ float total;
+	int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	v = warp_max(v);
+	__syncthreads();
+	if (!lane)
+		part[warp] = v;
+	__syncthreads();
+	if (!warp) {
+		v = lane < (int)(blockDim.x >> 5) ? part[lane] : -INFINITY;
+		v = warp_max(v);
+		if (!lane)
+			total = v;
+	}
+	__syncthreads();
+	return total;
+}
+
+__device__ __forceinline__ float silu(float a) { return a / (1.0f + expf(-a)); }
+
+/* ---- GEMV: 1-16 tokens, each weight read once ---- */
+
+struct gemv_kparams {
+	dweight w[2];
+	float *y[2];
+	const float *x, *xb;
+	int ldy[2];
+	int ldx, n, acc, wk, grouped;
+	gemv_groups g;
+};
+
+/* Columns one lane takes per step: 16 bytes of weights. */
+template <int DT> struct lane_cols { static constexpr int n = DT == DW_F8 ? 16 : DT == DW_BF16 ? 8 : 4; };
+
+/* Loads EPL weights of row `row` from column c0 as fp32 (unscaled). */
+template <int DT, bool VEC>
+__device__ __forceinline__ void load_w(float *out, const dweight &w, long long base, int c0)
+{
+	constexpr int EPL = lane_cols<DT>::n;
+	if constexpr (VEC) {
+		if constexpr (DT == DW_F8) {
+			uint4 v = __ldg((const uint4 *)((const uint8_t *)w.data + base + c0));
+			const uint32_t u[4] = { v.x, v.y, v.z, v.w };
+#pragma unroll
+			for (int k = 0; k < 4; k++) {
+				__half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[k] & 0xffff), __NV_E4M3);
+				__half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[k] >> 16), __NV_E4M3);
+				float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+				out[4 * k] = a.x, out[4 * k + 1] = a.y, out[4 * k + 2] = b.x, out[4 * k + 3] = b.y;
+			}
+		} else if constexpr (DT == DW_BF16) {
+			uint4 v = __ldg((const uint4 *)((const uint16_t *)w.data + base + c0));
+			const uint32_t u[4] = { v.x, v.y, v.z, v.w };
+#pragma unroll
+			for (int k = 0; k < 4; k++) {
+				out[2 * k] = __uint_as_float(u[k] << 16);
+				out[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
+			}
+		} else {
+			float4 v = __ldg((const float4 *)((const float *)w.data + base + c0));
+			out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+		}
+	} else {
+#pragma unroll
+	for (int i = 0; i < EPL; i++) {
+		float f = 0.0f;
+		if (c0 + i < w.cols) {
+			long long k = base + c0 + i;
+			f = DT == DW_F8 ? e4m3_f(((const uint8_t *)w.data)[k])
+			    : DT == DW_BF16 ? bf16_f(((const uint16_t *)w.data)[k])
+					    : ((const float *)w.data)[k];
+		}
+		out[i] = f;
+	}
+	}
+}
+
+template <int EPL, bool VEC, bool SILU>
+__device__ __forceinline__ void load_x(float *out, const float *x, const float *xb, long long off, int c0, int K)
+{
+	if constexpr (VEC) {
+#pragma unroll
+		for (int i = 0; i < EPL; i += 4) {
+			float4 v = __ldg((const float4 *)(x + off + c0 + i));
+			out[i] = v.x, out[i + 1] = v.y, out[i + 2] = v.z, out[i + 3] = v.w;
+			if (SILU) {
+				float4 b = __ldg((const float4 *)(xb + off + c0 + i));
+				out[i] = silu(out[i]) * b.x, out[i + 1] = silu(out[i + 1]) * b.y;
+				out[i + 2] = silu(out[i + 2]) * b.z, out[i + 3] = silu(out[i + 3]) * b.w;
+			}
+		}
+	} else {
+#pragma unroll
+	for (int i = 0; i < EPL; i++) {
+		float f = 0.0f;
+		if (c0 + i < K) {
+			f = x[off + c0 + i];
+			if (SILU)
+				f = silu(f) * xb[off + c0 + i];
+		}
+		out[i] = f;
+	}
+	}
+}
+
+/* A block of 8 warps takes R * (8 / wk) rows; wk warps split each row's columns. */
+template <int NT, int R, int DT, bool SILU, bool VEC>
+__global__ void __launch_bounds__(256) gemv_kernel(const __grid_constant__ gemv_kparams p)
+{
+	constexpr int EPL = lane_cols<DT>::n;
+	const dweight &w = p.w[blockIdx.z];
+	float *y = p.y[blockIdx.z];
+	int n = p.n, e = 0;
+	const int *rin = nullptr, *rout = nullptr;
+	if (p.grouped) {
+		int g = blockIdx.y;
+		if (g >= *p.g.count)
+			return;
+		n = p.g.cnt[g];
+		e = p.g.exp[g];
+		rin = p.g.in + g * GEMV_MAX_TOKENS;
+		rout = p.g.out + g * GEMV_MAX_TOKENS;
+	}
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const int kw = warp % p.wk, rg = warp / p.wk, rows_pb = R * (8 / p.wk);
+	const int r0 = blockIdx.x * rows_pb + rg * R, K = w.cols;
+	if (blockIdx.x * rows_pb >= w.rows)
+		return;
+	long long xoff[NT];
+#pragma unroll
+	for (int t = 0; t < NT; t++)
+		xoff[t] = t < n ? (long long)(rin ? rin[t] : t) * p.ldx : 0;
+	float acc[R][NT];
+#pragma unroll
+	for (int j = 0; j < R; j++)
+#pragma unroll
+		for (int t = 0; t < NT; t++)
+			acc[j][t] = 0.0f;
+	const long long ebase = (long long)e * w.estride;
+	for (int c0 = (kw * 32 + lane) * EPL; c0 < K; c0 += p.wk * 32 * EPL) {
+		float wf[R][EPL];
+#pragma unroll
+		for (int j = 0; j < R; j++) {
+			int row = min(r0 + j, w.rows - 1); /* rows past the end compute a copy, unused */
+			load_w<DT, VEC>(wf[j], w, ebase + (long long)row * K, c0);
+			if (DT == DW_F8) {
+				float sc = w.scale[(long long)e * w.sstride + (long long)(row >> 7) * w.scale_cols + (c0 >> 7)];
+#pragma unroll
+				for (int i = 0; i < EPL; i++)
+					wf[j][i] *= sc;
+			}
+		}
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			if (t >= n)
+				break;
+			float xv[EPL];
+			load_x<EPL, VEC, SILU>(xv, p.x, p.xb, xoff[t], c0, K);
+#pragma unroll
+			for (int j = 0; j < R; j++) {
+				float s = 0.0f;
+#pragma unroll
+				for (int i = 0; i < EPL; i++)
+					s = fmaf(wf[j][i], xv[i], s);
+				acc[j][t] += s;
+			}
+		}
+	}
+	__shared__ float red[8][R][NT];
+#pragma unroll
+	for (int j = 0; j < R; j++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			float v = warp_sum(acc[j][t]);
+			if (!lane)
+				red[warp][j][t] = v;
+		}
+	__syncthreads();
+	for (int i = threadIdx.x; i < (8 / p.wk) * R * NT; i += blockDim.x) {
+		int t = i % NT, j = (i / NT) % R, g2 = i / (NT * R);
+		int row = blockIdx.x * rows_pb + g2 * R + j;
+		if (t >= n || row >= w.rows)
+			continue;
+		float s = 0.0f;
+		for (int k = 0; k < p.wk; k++)
+			s += red[g2 * p.wk + k][j][t];
+		float *dst = y + (long long)(rout ? rout[t] : t) * p.ldy[blockIdx.z] + row;
+		*dst = p.acc ? *dst + s : s;
+	}
+}
+
+template <int NT, int R, int DT, bool SILU>
+static void gemv_launch(cudaStream_t s, const gemv_kparams &p, dim3 grid, bool vec)
+{
+	if (vec)
+		gemv_kernel<NT, R, DT, SILU, true><<<grid, 256, 0, s>>>(p);
+	else
+		gemv_kernel<NT, R, DT, SILU, false><<<grid, 256, 0, s>>>(p);
+}
+
+template <int NT, int R, bool SILU>
+static void gemv_dt(cudaStream_t s, const gemv_kparams &p, dim3 grid, bool vec)
+{
+	switch (p.w[0].dtype) {
+	case DW_F8: gemv_launch<NT, R, DW_F8, SILU>(s, p, grid, vec); break;
+	case DW_BF16: gemv_launch<NT, R, DW_BF16, SILU>(s, p, grid, vec); break;
+	default: gemv_launch<NT, R, DW_F32, SILU>(s, p, grid, vec); break;
+	}
+}
+
+template <int NT, int R>
+static int gemv_rows_nt(cudaStream_t s, const gemv_kparams &p, int rows, bool vec, int max_groups)
+{
+	int rows_pb = R * (8 / p.wk);
+	dim3 grid((rows + rows_pb - 1) / rows_pb, max_groups, p.w[1].data ? 2 : 1);
+	if (p.xb)
+		gemv_dt<NT, R, true>(s, p, grid, vec);
+	else
+		gemv_dt<NT, R, false>(s, p, grid, vec);
+	return 0;
+}
+
+void k_gemv(cudaStream_t s, const gemv_call *c)
+{
+	gemv_kparams p = {};
+	p.w[0] = *c->w;
+	p.y[0] = c->y;
+	if (c->w2) {
+		p.w[1] = *c->w2;
+		p.y[1] = c->y2;
+	}
+	p.x = c->x;
+	p.xb = c->silu_b;
+	p.ldx = c->ldx;
+	p.ldy[0] = c->ldy;
+	p.ldy[1] = c->ldy2 ? c->ldy2 : c->ldy;
+	p.n = c->n;
+	p.acc = c->accumulate;
+	int max_groups = 1, nt = c->n;
+	if (c->groups) {
+		p.grouped = 1;
+		p.g = *c->groups;
+		max_groups = c->groups->max_groups;
+	}
+	const int dt = p.w[0].dtype, K = p.w[0].cols;
+	const int epl = dt == DW_F8 ? 16 : dt == DW_BF16 ? 8 : 4;
+	int iters = (K + 32 * epl - 1) / (32 * epl);
+	p.wk = iters >= 8 ? 8 : iters >= 4 ? 4 : iters >= 2 ? 2 : 1;
+	bool vec = K % epl == 0 && c->ldx % 4 == 0 && ((uintptr_t)c->x & 15) == 0 &&
+		   (!c->silu_b || ((uintptr_t)c->silu_b & 15) == 0) && ((uintptr_t)p.w[0].data & 15) == 0 &&
+		   (!c->w2 || ((uintptr_t)p.w[1].data & 15) == 0) && (p.w[0].estride % 16) == 0;
+	int rows = p.w[0].rows > p.w[1].rows ? p.w[0].rows : p.w[1].rows;
+	if (nt <= 1)
+		gemv_rows_nt<1, 4>(s, p, rows, vec, max_groups);
+	else if (nt <= 2)
+		gemv_rows_nt<2, 4>(s, p, rows, vec, max_groups);
+	else if (nt <= 4)
+		gemv_rows_nt<4, 4>(s, p, rows, vec, max_groups);
+	else if (nt <= 8)
+		gemv_rows_nt<8, 2>(s, p, rows, vec, max_groups);
+	else
+		gemv_rows_nt<16, 2>(s, p, rows, vec, max_groups);
+	LAUNCHED("gemv_kernel");
+}
+
+/* ---- small fused ops ---- */
+
+__global__ void embed_kernel(float *out, dweight w, const int *ids)
+{
+	int t = blockIdx.x, id = ids[t];
+	for (int c = threadIdx.x; c < w.cols; c += blockDim.x)
+		out[(long long)t * w.cols + c] = w_at(w, 0, id, c);
+}
+
+void k_embed(cudaStream_t s, float *out, const dweight *w, const int *ids, int n)
+{
+	embed_kernel<<<n, 256, 0, s>>>(out, *w, ids);
+	LAUNCHED("embed_kernel");
+}
+
+__global__ void rmsnorm_kernel(float *y, const float *x, int ld, dweight w, int dim, float eps)
+{
+	const float *xr = x + (long long)blockIdx.x * ld;
+	float *yr = y + (long long)blockIdx.x * ld;
+	float ss = 0.0f;
+	for (int i = threadIdx.x; i < dim; i += blockDim.x)
+		ss += xr[i] * xr[i];
+	ss = block_sum(ss);
+	float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+	for (int i = threadIdx.x; i < dim; i += blockDim.x)
+		yr[i] = xr[i] * inv * w_at(w, 0, 0, i);
+}
+
+void k_rmsnorm(cudaStream_t s, float *y, const float *x, int ld, const dweight *w, int dim, int n, float eps)
+{
+	rmsnorm_kernel<<<n, 256, 0, s>>>(y, x, ld, *w, dim, eps);
+	LAUNCHED("rmsnorm_kernel");
+}
+
+__global__ void add_kernel(float *y, const float *x, size_t n)
+{
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+		y[i] += x[i];
+}
+
+void k_add(cudaStream_t s, float *y, const float *x, size_t n)
+{
+	int blocks = (int)((n + 255) / 256);
+	add_kernel<<<blocks < 4096 ? blocks : 4096, 256, 0, s>>>(y, x, n);
+	LAUNCHED("add_kernel");
+}
+
+__global__ void rope_kv_kernel(float *q, const float *kv, dweight kv_norm, mla_cache cache, const int *seqs,
+			       const int *pos, int H, int nope, int rope, int lora, const float *inv_freq, float eps)
+{
+	const int t = blockIdx.x, half = rope / 2, qhd = nope + rope;
+	const float p = (float)pos[t];
+	float *qt = q + (long long)t * H * qhd;
+	for (int i = threadIdx.x; i < H * half; i += blockDim.x) {
+		int h = i / half, k = i % half;
+		float a = p * inv_freq[k], cs = cosf(a), sn = sinf(a);
+		float *x = qt + h * qhd + nope + 2 * k;
+		float x0 = x[0], x1 = x[1];
+		x[0] = x0 * cs - x1 * sn;
+		x[1] = x0 * sn + x1 * cs;
+	}
+	const float *kvt = kv + (long long)t * (lora + rope);
+	float *row = cache.base + ((long long)seqs[t] * cache.seq_stride + pos[t]) * (lora + rope);
+	float ss = 0.0f;
+	for (int i = threadIdx.x; i < lora; i += blockDim.x)
+		ss += kvt[i] * kvt[i];
+	ss = block_sum(ss);
+	float inv = 1.0f / sqrtf(ss / (float)lora + eps);
+	for (int i = threadIdx.x; i < lora; i += blockDim.x)
+		row[i] = kvt[i] * inv * w_at(kv_norm, 0, 0, i);
+	for (int k = threadIdx.x; k < half; k += blockDim.x) {
+		float a = p * inv_freq[k], cs = cosf(a), sn = sinf(a);
+		float x0 = kvt[lora + 2 * k], x1 = kvt[lora + 2 * k + 1];
+		row[lora + 2 * k] = x0 * cs - x1 * sn;
+		row[lora + 2 * k + 1] = x0 * sn + x1 * cs;
+	}
+}
+
+void k_rope_kv(cudaStream_t s, float *q, const float *kv, const dweight *kv_norm, mla_cache cache,
+	       const int *seqs, const int *pos, int n, int H, int nope, int rope, int lora,
+	       const float *inv_freq, float eps)
+{
+	rope_kv_kernel<<<n, 256, 0, s>>>(q, kv, *kv_norm, cache, seqs, pos, H, nope, rope, lora, inv_freq, eps);
+	LAUNCHED("rope_kv_kernel");
+}
+
+/* ---- MLA decode attention, absorbed ---- */
+
+#define ATT_QT 8    /* queries per block in the projections through wkv_b */
+#define ATT_TT 32   /* cache rows per block in the scores: one per lane */
+#define ATT_HG 8    /* heads per block in P.C */
+#define ATT_SPLITS 16
+
+static int att_split(int ctx_cap)
+{
+	int ss = (ctx_cap + ATT_SPLITS - 1) / ATT_SPLITS;
+	ss = (ss + 31) / 32 * 32;
+	return ss < 64 ? 64 : ss;
+}
+
+size_t mla_scratch_floats(int H, int lora, int rope, int n, int ctx_cap, float **qc, float **scores,
+			  float **partial, float *base)
+{
+	size_t a = (size_t)n * H * (lora + rope), b = (size_t)n * H * ctx_cap;
+	size_t c = (size_t)n * ATT_SPLITS * H * lora;
+	if (base) {
+		*qc = base;
+		*scores = base + a;
+		*partial = base + a + b;
+	}
+	return a + b + c;
+}
+
+/* qc[t, h] = [q_nope[t, h] . wkv_b[h, :nope] | q_pe[t, h]]. */
+__global__ void absorb_kernel(mla_args a, const float *q)
+{
+	extern __shared__ float qn[]; /* [ATT_QT][nope] */
+	const int h = blockIdx.x, t0 = blockIdx.y * ATT_QT, qhd = a.nope + a.rope, D = a.lora + a.rope;
+	const int nq = min(ATT_QT, a.n - t0);
+	for (int i = threadIdx.x; i < nq * a.nope; i += blockDim.x) {
+		int t = i / a.nope, j = i % a.nope;
+		qn[t * a.nope + j] = q[(long long)(t0 + t) * a.H * qhd + h * qhd + j];
+	}
+	__syncthreads();
+	const dweight &w = a.wkv_b;
+	for (int c = threadIdx.x; c < a.lora; c += blockDim.x) {
+		float acc[ATT_QT] = {};
+		for (int j = 0; j < a.nope; j++) {
+			float wv = w_at(w, 0, (long long)h * (a.nope + a.v) + j, c);
+#pragma unroll
+			for (int t = 0; t < ATT_QT; t++)
+				acc[t] = fmaf(qn[t * a.nope + j], wv, acc[t]);
+		}
+		for (int t = 0; t < nq; t++)
+			a.qc[((long long)(t0 + t) * a.H + h) * D + c] = acc[t];
+	}
+	for (int i = threadIdx.x; i < nq * a.rope; i += blockDim.x) {
+		int t = i / a.rope, k = i % a.rope;
+		a.qc[((long long)(t0 + t) * a.H + h) * D + a.lora + k] =
+			q[(long long)(t0 + t) * a.H * qhd + h * qhd + a.nope + k];
+	}
+}
+
+/* scores[t, h, p] = softmax_scale * qc[t, h] . cache[p], one cache row per lane. */
+__global__ void scores_kernel(mla_args a)
+{
+	extern __shared__ float tile[]; /* [ATT_TT][D + 1] */
+	const int t = blockIdx.y, p0 = blockIdx.x * ATT_TT, D = a.lora + a.rope;
+	const int last = a.pos[t];
+	if (p0 > last)
+		return;
+	const float *rows = a.cache.base + ((long long)a.seqs[t] * a.cache.seq_stride + p0) * D;
+	const int np = min(ATT_TT, last + 1 - p0);
+	for (int i = threadIdx.x; i < np * D; i += blockDim.x)
+		tile[(i / D) * (D + 1) + i % D] = rows[i];
+	__syncthreads();
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	if (lane >= np)
+		return;
+	const float *tr = tile + lane * (D + 1);
+	for (int h = warp; h < a.H; h += blockDim.x >> 5) {
+		const float *qc = a.qc + ((long long)t * a.H + h) * D;
+		float s = 0.0f;
+		for (int d = 0; d < D; d++)
+			s = fmaf(__ldg(qc + d), tr[d], s);
+		a.scores[((long long)t * a.H + h) * a.ctx_cap + p0 + lane] = s * a.softmax_scale;
+	}
+}
+
+__global__ void softmax_kernel(mla_args a)
+{
+	const int h = blockIdx.x, t = blockIdx.y, n = a.pos[t] + 1;
+	float *s = a.scores + ((long long)t * a.H + h) * a.ctx_cap;
+	float m = -INFINITY;
+	for (int i = threadIdx.x; i < n; i += blockDim.x)
+		m = fmaxf(m, s[i]);
+	m = block_max(m);
+	float sum = 0.0f;
+	for (int i = threadIdx.x; i < n; i += blockDim.x) {
+		float e = expf(s[i] - m);
+		s[i] = e;
+		sum += e;
+	}
+	sum = block_sum(sum);
+	for (int i = threadIdx.x; i < n; i += blockDim.x)
+		s[i] /= sum;
+}
+
+/* partial[t, split, h, c] = sum over the split's rows p of P[t, h, p] * cache[p, c], c < lora. */
+__global__ void pv_kernel(mla_args a, int split)
+{
+	const int hg = blockIdx.x * ATT_HG, sp = blockIdx.y, t = blockIdx.z, D = a.lora + a.rope;
+	const int p0 = sp * split, last = a.pos[t];
+	if (p0 > last)
+		return;
+	const int p1 = min(last + 1, p0 + split), nh = min(ATT_HG, a.H - hg);
+	const float *rows = a.cache.base + (long long)a.seqs[t] * a.cache.seq_stride * D;
+	const float *P = a.scores + ((long long)t * a.H + hg) * a.ctx_cap;
+	for (int c = threadIdx.x; c < a.lora; c += blockDim.x) {
+		float acc[ATT_HG] = {};
+		for (int p = p0; p < p1; p++) {
+			float cv = rows[(long long)p * D + c];
+#pragma unroll
+			for (int h = 0; h < ATT_HG; h++)
+				if (h < nh)
+					acc[h] = fmaf(__ldg(P + (long long)h * a.ctx_cap + p), cv, acc[h]);
+		}
+		for (int h = 0; h < nh; h++)
+			a.partial[(((long long)t * ATT_SPLITS + sp) * a.H + hg + h) * a.lora + c] = acc[h];
+	}
+}
+
+/* out[t, h, j] = (sum of the splits' o_c[t, h]) . wkv_b[h, nope + j], j < v. */
+__global__ void vproj_kernel(mla_args a, int split, float *out)
+{
+	extern __shared__ float oc[]; /* [ATT_QT][lora] */
+	const int h = blockIdx.x, t0 = blockIdx.y * ATT_QT, nq = min(ATT_QT, a.n - t0);
+	for (int i = threadIdx.x; i < nq * a.lora; i += blockDim.x) {
+		int t = i / a.lora, c = i % a.lora, ns = a.pos[t0 + t] / split + 1;
+		float s = 0.0f;
+		for (int sp = 0; sp < ns; sp++)
+			s += a.partial[(((long long)(t0 + t) * ATT_SPLITS + sp) * a.H + h) * a.lora + c];
+		oc[t * a.lora + c] = s;
+	}
+	__syncthreads();
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	const dweight &w = a.wkv_b;
+	for (int j = warp; j < a.v; j += blockDim.x >> 5) {
+		long long row = (long long)h * (a.nope + a.v) + a.nope + j;
+		float acc[ATT_QT] = {};
+		for (int c = lane; c < a.lora; c += 32) {
+			float wv = w_at(w, 0, row, c);
+#pragma unroll
+			for (int t = 0; t < ATT_QT; t++)
+				acc[t] = fmaf(oc[t * a.lora + c], wv, acc[t]);
+		}
+#pragma unroll
+		for (int t = 0; t < ATT_QT; t++) {
+			float v = warp_sum(acc[t]);
+			if (!lane && t < nq)
+				out[((long long)(t0 + t) * a.H + h) * a.v + j] = v;
+		}
+	}
+}
+
+void k_mla_attention(cudaStream_t s, const mla_args *a, const float *q, float *out)
+{
+	const int D = a->lora + a->rope, qt = (a->n + ATT_QT - 1) / ATT_QT, split = att_split(a->ctx_cap);
+	absorb_kernel<<<dim3(a->H, qt), 256, sizeof(float) * ATT_QT * a->nope, s>>>(*a, q);
+	LAUNCHED("absorb_kernel");
+	size_t tile = sizeof(float) * ATT_TT * (D + 1);
+	static bool raised;
+	if (!raised) {
+		CK(cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+		raised = true;
+	}
+	scores_kernel<<<dim3((a->ctx_cap + ATT_TT - 1) / ATT_TT, a->n), 256, tile, s>>>(*a);
+	LAUNCHED("scores_kernel");
+	softmax_kernel<<<dim3(a->H, a->n), 256, 0, s>>>(*a);
+	LAUNCHED("softmax_kernel");
+	pv_kernel<<<dim3((a->H + ATT_HG - 1) / ATT_HG, (a->ctx_cap + split - 1) / split, a->n), 256, 0, s>>>(*a, split);
+	LAUNCHED("pv_kernel");
+	vproj_kernel<<<dim3(a->H, qt), 256, sizeof(float) * ATT_QT * a->lora, s>>>(*a, split, out);
+	LAUNCHED("vproj_kernel");
+}
+
+/* ---- MoE routing ---- */
+
+/* (value, index) argmax over the warp, ties to the lower index. */
+__device__ __forceinline__ void warp_argmax(float &v, int &i)
+{
+	for (int o = 16; o; o >>= 1) {
+		float ov = __shfl_xor_sync(0xffffffffu, v, o);
+		int oi = __shfl_xor_sync(0xffffffffu, i, o);
+		if (oi >= 0 && (i < 0 || ov > v || (ov == v && oi < i)))
+			v = ov, i = oi;
+	}
+}
+
+/* One warp per token. smem: sc[E], s0[E], taken[E] (as int), gs[32]. */
+__global__ void route_kernel(route_args a, dweight bias, int has_bias, const float *scores, int *topk, float *weights)
+{
+	extern __shared__ float sm[];
+	float *sc = sm, *s0 = sm + a.E;
+	int *taken = (int *)(s0 + a.E);
+	__shared__ float gs[32];
+	__shared__ int keep[32];
+	const int t = blockIdx.x, lane = threadIdx.x, E = a.E;
+	const float *in = scores + (long long)t * E;
+	float m = -INFINITY;
+	if (!a.sigmoid) {
+		for (int e = lane; e < E; e += 32)
+			m = fmaxf(m, in[e]);
+		m = warp_max(m);
+	}
+	float sum = 0.0f;
+	for (int e = lane; e < E; e += 32) {
+		float v = a.sigmoid ? 1.0f / (1.0f + expf(-in[e])) : expf(in[e] - m);
+		s0[e] = v;
+		sum += v;
+	}
+	sum = warp_sum(sum);
+	for (int e = lane; e < E; e += 32) {
+		if (!a.sigmoid)
+			s0[e] /= sum;
+		sc[e] = s0[e] + (has_bias ? w_at(bias, 0, 0, e) : 0.0f);
+		taken[e] = 0;
+	}
+	__syncwarp();
+	if (a.groups > 1) {
+		const int per = E / a.groups;
+		if (lane < a.groups) {
+			const float *g = sc + lane * per;
+			int b1 = 0;
+			for (int i = 1; i < per; i++)
+				if (g[i] > g[b1])
+					b1 = i;
+			float v = g[b1];
+			if (has_bias && per > 1) {
+				int b2 = -1;
+				for (int i = 0; i < per; i++)
+					if (i != b1 && (b2 < 0 || g[i] > g[b2]))
+						b2 = i;
+				v += g[b2];
+			}
+			gs[lane] = v;
+			keep[lane] = 0;
+		}
+		__syncwarp();
+		if (!lane)
+			for (int k = 0; k < a.limited_groups; k++) {
+				int best = -1;
+				for (int g = 0; g < a.groups; g++)
+					if (!keep[g] && (best < 0 || gs[g] > gs[best]))
+						best = g;
+				keep[best] = 1;
+			}
+		__syncwarp();
+		for (int e = lane; e < E; e += 32)
+			if (!keep[e / per])
+				sc[e] = -INFINITY;
+		__syncwarp();
+	}
+	for (int k = 0; k < a.K; k++) {
+		float v = 0.0f;
+		int i = -1;
+		for (int e = lane; e < E; e += 32)
+			if (!taken[e] && (i < 0 || sc[e] > v))
+				v = sc[e], i = e;
+		warp_argmax(v, i);
+		if (!lane)
+			taken[i] = 1;
+		__syncwarp();
+	}
+	int k0 = 0;
+	for (int base = 0; base < E; base += 32) {
+		int e = base + lane, is = e < E && taken[e];
+		unsigned b = __ballot_sync(0xffffffffu, is);
+		if (is) {
+			int k = k0 + __popc(b & ((1u << lane) - 1));
+			topk[t * a.K + k] = e;
+			weights[t * a.K + k] = s0[e];
+		}
+		k0 += __popc(b);
+	}
+	__syncwarp();
+	if (!lane) {
+		float tot = 0.0f;
+		for (int k = 0; k < a.K; k++)
+			tot += weights[t * a.K + k];
+		for (int k = 0; k < a.K; k++) {
+			float wv = weights[t * a.K + k];
+			weights[t * a.K + k] = (a.sigmoid ? wv / tot : wv) * a.route_scale;
+		}
+	}
+}
+
+void k_route(cudaStream_t s, const route_args *a, const float *scores, int n, int *topk, float *weights)
+{
+	dweight none = {};
+	route_kernel<<<n, 32, sizeof(float) * 3 * a->E, s>>>(*a, a->bias ? *a->bias : none, a->bias != nullptr,
+							      scores, topk, weights);
+	LAUNCHED("route_kernel");
+}
+
+__global__ void moe_groups_kernel(const int *topk, int P, int K, int *count, int *exp, int *cnt, int *tok, int *pair)
+{
+	__shared__ int gid[256];
+	const int p = threadIdx.x, e = p < P ? topk[p] : -1;
+	int first = p, slot = 0, total = 0;
+	if (p < P) {
+		for (int q = 0; q < P; q++)
+			if (topk[q] == e) {
+				if (q < first)
+					first = q;
+				if (q < p)
+					slot++;
+				total++;
+			}
+	}
+	__syncthreads();
+	if (!p) {
+		int G = 0;
+		for (int q = 0; q < P; q++) {
+			int leader = 1;
+			for (int r = 0; r < q && leader; r++)
+				leader = topk[r] != topk[q];
+			gid[q] = leader ? G++ : -1;
+		}
+		*count = G;
+	}
+	__syncthreads();
+	if (p < P) {
+		int g = gid[first];
+		if (first == p) {
+			exp[g] = e;
+			cnt[g] = total;
+		}
+		tok[g * GEMV_MAX_TOKENS + slot] = p / K;
+		pair[g * GEMV_MAX_TOKENS + slot] = p;
+	}
+}
+
+void k_moe_groups(cudaStream_t s, const int *topk, int n, int K, int *count, int *exp, int *cnt, int *tok, int *pair)
+{
+	moe_groups_kernel<<<1, 256, 0, s>>>(topk, n * K, K, count, exp, cnt, tok, pair);
+	LAUNCHED("moe_groups_kernel");
+}
+
+__global__ void moe_combine_kernel(float *x, const float *y, const float *w, int K, int dim)
+{
+	const int t = blockIdx.x;
+	for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+		float s = 0.0f;
+		for (int k = 0; k < K; k++)
+			s = fmaf(w[t * K + k], y[((long long)t * K + k) * dim + c], s);
+		x[(long long)t * dim + c] += s;
+	}
+}
+
+void k_moe_combine(cudaStream_t s, float *x, const float *y, const float *weights, int n, int K, int dim)
+{
+	moe_combine_kernel<<<n, 256, 0, s>>>(x, y, weights, K, dim);
+	LAUNCHED("moe_combine_kernel");
+}
+
+/* ---- prefill helpers ---- */
+
+__global__ void to_bf16_kernel(__nv_bfloat16 *out, const float *x, size_t n)
+{
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+		out[i] = __float2bfloat16_rn(x[i]);
+}
+
+void k_to_bf16(cudaStream_t s, void *out, const float *x, size_t n)
+{
+	size_t blocks = (n + 255) / 256;
+	to_bf16_kernel<<<blocks < 8192 ? (int)blocks : 8192, 256, 0, s>>>((__nv_bfloat16 *)out, x, n);
+	LAUNCHED("to_bf16_kernel");
+}
+
+__global__ void dequant_kernel(__nv_bfloat16 *out, dweight w, int e)
+{
+	size_t n = (size_t)w.rows * w.cols;
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+		out[i] = __float2bfloat16_rn(w_at(w, e, (long long)(i / w.cols), (int)(i % w.cols)));
+}
+
+void k_dequant_bf16(cudaStream_t s, void *out, const dweight *w, int expert)
+{
+	size_t blocks = ((size_t)w->rows * w->cols + 255) / 256;
+	dequant_kernel<<<blocks < 16384 ? (int)blocks : 16384, 256, 0, s>>>((__nv_bfloat16 *)out, *w, expert);
+	LAUNCHED("dequant_kernel");
+}
+
+__global__ void gather_kernel(float *out, const float *x, const int *idx, int dim)
+{
+	const int i = blockIdx.x;
+	for (int c = threadIdx.x; c < dim; c += blockDim.x)
+		out[(long long)i * dim + c] = x[(long long)idx[i] * dim + c];
+}
+
+void k_gather(cudaStream_t s, float *out, const float *x, const int *idx, int n, int dim)
+{
+	if (!n)
+		return;
+	gather_kernel<<<n, 256, 0, s>>>(out, x, idx, dim);
+	LAUNCHED("gather_kernel");
+}
+
+/* One block per column range; rows in order so that a token hit twice adds in a fixed order. */
+__global__ void scatter_add_kernel(float *x, const float *y, const int *idx, const float *w, int n, int K, int dim)
+{
+	int c = blockIdx.x * blockDim.x + threadIdx.x;
+	if (c >= dim)
+		return;
+	for (int i = 0; i < n; i++)
+		x[(long long)(idx[i] / K) * dim + c] += w[idx[i]] * y[(long long)i * dim + c];
+}
+
+void k_scatter_add(cudaStream_t s, float *x, const float *y, const int *idx, const float *w, int n, int K, int dim)
+{
+	if (!n)
+		return;
+	scatter_add_kernel<<<(dim + 255) / 256, 256, 0, s>>>(x, y, idx, w, n, K, dim);
+	LAUNCHED("scatter_add_kernel");
+}
