@@ -159,7 +159,7 @@ ifeq ($(CUDA),1)
 all: $(BUILD)/bin/dsv3-gpu-peak
 $(BUILD)/bin/dsv3-gpu-peak: bench/gpu_peak.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -o $@ $< -L$(CUDA_HOME)/lib64 -Xlinker -rpath,$(CUDA_HOME)/lib64 -lcublas
+	$(NVCC) $(NVCCFLAGS) -o $@ $< -L$(CUDA_HOME)/lib64 -Xlinker -rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas
 endif
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -126,8 +126,8 @@ def report(path):
         if nl and tl and ns and ts and nl > ns and nl / tl > ns / ts:
             return (nl - ns) / (nl / tl - ns / ts), int(nl - ns), tl
         return None, None, tl
-    def rate(m):  # the mean measured matmul rate at M = m rows, else the 8192^3 one
-        v = [num(k) for k in r if k.startswith(f"tflops_{m}x")] or [num(k) for k in r if k == "tflops_8192x8192x8192"]
+    def rate(m, p="tflops_"):  # the mean measured matmul rate at M = m rows, else the 8192^3 one
+        v = [num(k) for k in r if k.startswith(f"{p}{m}x")] or [num(k) for k in r if k == f"{p}8192x8192x8192"]
         v = [x for x in v if x]
         return sum(v) / len(v) * 1e12 if v else None
     rows = [("measure", "value", "floor", "fraction of floor", "peer / aim")]
@@ -137,6 +137,9 @@ def report(path):
                  "2,990 GB/s on the peer's H100"))
     for k in sorted(k for k in r if k.startswith("tflops_")):
         rows.append((f"bf16 matmul {k[7:]} (cuBLAS)", f"{num(k):.1f} TFLOP/s", "", "", ""))
+    for k in sorted(k for k in r if k.startswith("fp8tflops_")):
+        mode, _, sh = k[10:].partition("_")
+        rows.append((f"fp8 matmul {sh} {mode} scales (cuBLASLt)", f"{num(k):.1f} TFLOP/s", "", "", ""))
     for fmt in ("fp8", "bf16"):
         F = fmt.upper()
         b1, b8 = num(f"bytes_{fmt}"), num(f"bytes8_{fmt}")
@@ -169,8 +172,10 @@ def report(path):
             fl, R = num(f"flops_{fmt}.{m}"), rate(m)
             if t and fl and R:
                 floor = R / fl
+                R8 = rate(m, "fp8tflops_block128_") if fmt == "fp8" else None
+                f8 = f"; {R8 / fl:,.0f} at {R8/1e12:.0f} TFLOP/s fp8 block128" if R8 else ""
                 rows.append((what, f"{t:,.0f} tok/s ({t*fl/1e12:.1f} TFLOP/s{alone})",
-                             f"{floor:,.0f} tok/s ({fl/1e9:.2f} GFLOP/token at {R/1e12:.0f} TFLOP/s bf16)",
+                             f"{floor:,.0f} tok/s ({fl/1e9:.2f} GFLOP/token at {R/1e12:.0f} TFLOP/s bf16{f8})",
                              f"{t/floor:.0%}", PEER[fmt, f"prefill{m}"]))
             else:
                 rows.append((what, f"{t:,.0f} tok/s" if t else "(not run)", "", "", PEER[fmt, f"prefill{m}"]))
@@ -221,6 +226,7 @@ peak() {
 		echo "DRY_RUN: made-up peak figures (100 GB/s, 1 TFLOP/s)"
 		record copy_GBps 100
 		for s in 8192x8192x8192 512x7168x7168 4096x7168x7168; do record "tflops_$s" 1; done
+		record fp8tflops_block128_512x7168x7168 2
 		return
 	fi
 	step nvidia-smi nvidia-smi -L && cat "$out/nvidia-smi.stdout"
@@ -229,7 +235,7 @@ peak() {
 		# not built (CUDA=0) or not runnable on this image: build it here
 		peak_bin=$data/dsv3-gpu-peak
 		step nvcc-gpu-peak nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-			-gencode=arch=compute_80,code=compute_80 -o "$peak_bin" "$here/gpu_peak.cu" -lcublas || return 0
+			-gencode=arch=compute_80,code=compute_80 -o "$peak_bin" "$here/gpu_peak.cu" -lcublasLt -lcublas || return 0
 	fi
 	step gpu-peak "$peak_bin" || true
 	cat "$out/gpu-peak.stdout"
@@ -240,6 +246,8 @@ peak() {
 	[ -z "$v" ] || record copy_GBps "$v"
 	sed -n 's/^bf16_gemm_TFLOPs \([0-9x]*\): \(.*\)/\1 \2/p' "$out/gpu-peak.stdout" |
 		while read -r shape rate; do record "tflops_$shape" "$rate"; done
+	sed -n 's/^fp8_gemm_TFLOPs \([0-9x]*\) \([a-z0-9]*\): \(.*\)/\2_\1 \3/p' "$out/gpu-peak.stdout" |
+		while read -r shape rate; do record "fp8tflops_$shape" "$rate"; done
 }
 
 # A config of the bench shape's structure at small width with the real vocabulary (so the

@@ -6,11 +6,16 @@
  *   - the BF16 matmul rate through cuBLAS (cublasGemmEx, BF16 in and out, FP32 compute) at 8192^3
  *     and at the shapes of a prefill (M tokens x N outputs x K inputs, M = 512 and 4096), the median
  *     of 10 timings after 3 warm-ups.
+ *   - the FP8 (E4M3) matmul rate through cuBLASLt at the same shapes, with DeepSeek's scaling:
+ *     128x128 block scales on the weight, 1x128 on the activations ("block128"), and with one
+ *     scale per tensor ("tensor"); a mode cuBLASLt refuses is reported as unsupported, not fatal.
  * Output lines a script can grep:
  *   device: NAME
  *   copy_bandwidth_GBps: X
  *   bf16_gemm_TFLOPs MxNxK: Y
- * Every CUDA and cuBLAS call is checked; a failure names the call and exits 1. */
+ *   fp8_gemm_TFLOPs MxNxK block128|tensor: Z
+ * Every CUDA and cuBLAS call is checked; a failure names the call and exits 1 (but for the FP8
+ * matmul's setup, see above). */
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -18,8 +23,10 @@
 #include <cstring>
 #include <vector>
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #define PROG "dsv3-gpu-peak"
@@ -170,20 +177,179 @@ static double gemm_tflops(cublasHandle_t h, cudaStream_t s, int m, int n, int k)
 	return median(tf);
 }
 
+/* E4M3 values of magnitude 1/64 .. 1 with random signs, never zero, from a hash of the index. */
+__global__ void fill_fp8(__nv_fp8_e4m3 *p, size_t n, uint32_t seed)
+{
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+		uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+		h ^= h >> 15;
+		h *= 2246822519u;
+		h ^= h >> 13;
+		float mag = 1.0f / 64 + (h >> 9) * (1.0f / (1 << 23)) * (1.0f - 1.0f / 64);
+		p[i] = __nv_fp8_e4m3(h & 1 ? mag : -mag);
+	}
+}
+
+__global__ void fill_f32(float *p, size_t n, float v)
+{
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+		p[i] = v;
+}
+
+/* One FP8 matmul setup: weight W [N,K] and activations X [M,K] in E4M3, D [M,N] in BF16, and the
+ * scale tensors (all ones: only their sizes matter for the rate, so they are allocated generously,
+ * whatever layout cuBLASLt expects). */
+struct fp8_gemm {
+	cublasLtMatmulDesc_t op = nullptr;
+	cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+	cublasLtMatmulHeuristicResult_t algo;
+	void *work = nullptr;
+	size_t work_size = 64u << 20;
+};
+
+/* A cuBLASLt status in the FP8 setup: on failure, says which call and returns false. */
+static bool lt_ok(cublasStatus_t st, const char *what, const char *shape, const char *mode)
+{
+	if (st == CUBLAS_STATUS_SUCCESS)
+		return true;
+	printf("fp8_gemm %s %s: unsupported (%s: cuBLAS status %d)\n", shape, mode, what, (int)st);
+	return false;
+}
+#define LT(call) lt_ok((call), #call, shape, mode)
+
+static bool fp8_setup(cublasLtHandle_t lt, fp8_gemm *g, int m, int n, int k, bool block, float *sw, float *sx,
+		      const char *shape, const char *mode)
+{
+	cublasOperation_t t = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+	if (!LT(cublasLtMatmulDescCreate(&g->op, CUBLAS_COMPUTE_32F, CUDA_R_32F)) ||
+	    !LT(cublasLtMatmulDescSetAttribute(g->op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t)) ||
+	    !LT(cublasLtMatmulDescSetAttribute(g->op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt)) ||
+	    !LT(cublasLtMatmulDescSetAttribute(g->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw, sizeof sw)) ||
+	    !LT(cublasLtMatmulDescSetAttribute(g->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sx, sizeof sx)))
+		return false;
+	if (block) {
+		int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, mb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+		if (!LT(cublasLtMatmulDescSetAttribute(g->op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma)) ||
+		    !LT(cublasLtMatmulDescSetAttribute(g->op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb)))
+			return false;
+	}
+	/* column-major view as in gemm(): D^T (N x M) = op_T(W as K x N) * (X as K x M) */
+	if (!LT(cublasLtMatrixLayoutCreate(&g->la, CUDA_R_8F_E4M3, k, n, k)) ||
+	    !LT(cublasLtMatrixLayoutCreate(&g->lb, CUDA_R_8F_E4M3, k, m, k)) ||
+	    !LT(cublasLtMatrixLayoutCreate(&g->ld, CUDA_R_16BF, n, m, n)))
+		return false;
+	cublasLtMatmulPreference_t pref;
+	if (!LT(cublasLtMatmulPreferenceCreate(&pref)))
+		return false;
+	int found = 0;
+	bool ok = LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &g->work_size,
+							  sizeof g->work_size)) &&
+		  LT(cublasLtMatmulAlgoGetHeuristic(lt, g->op, g->la, g->lb, g->ld, g->ld, pref, 1, &g->algo, &found));
+	CB(cublasLtMatmulPreferenceDestroy(pref));
+	if (ok && !found) {
+		printf("fp8_gemm %s %s: unsupported (no algorithm)\n", shape, mode);
+		ok = false;
+	}
+	if (ok)
+		CK(cudaMalloc(&g->work, g->work_size));
+	return ok;
+}
+
+static void fp8_free(fp8_gemm *g)
+{
+	if (g->work)
+		CK(cudaFree(g->work));
+	if (g->la)
+		CB(cublasLtMatrixLayoutDestroy(g->la));
+	if (g->lb)
+		CB(cublasLtMatrixLayoutDestroy(g->lb));
+	if (g->ld)
+		CB(cublasLtMatrixLayoutDestroy(g->ld));
+	if (g->op)
+		CB(cublasLtMatmulDescDestroy(g->op));
+}
+
+/* TFLOP/s of the FP8 matmul M x N x K (block: DeepSeek's block scales, else one scale per tensor),
+ * timed as gemm_tflops; -1 when cuBLASLt refuses it. */
+static double fp8_tflops(cublasLtHandle_t lt, cudaStream_t s, int m, int n, int k, bool block)
+{
+	char shape[64];
+	const char *mode = block ? "block128" : "tensor";
+	snprintf(shape, sizeof shape, "%dx%dx%d", m, n, k);
+	__nv_fp8_e4m3 *w, *x;
+	__nv_bfloat16 *d;
+	float *sw, *sx;
+	size_t nsw = 2 * ((size_t)(n + 127) / 128 + 4) * ((k + 127) / 128 + 4);
+	size_t nsx = 2 * ((size_t)m + 128) * ((k + 127) / 128 + 4);
+	CK(cudaMalloc(&w, (size_t)n * k));
+	CK(cudaMalloc(&x, (size_t)m * k));
+	CK(cudaMalloc(&d, sizeof(*d) * (size_t)m * n));
+	CK(cudaMalloc(&sw, sizeof(float) * nsw));
+	CK(cudaMalloc(&sx, sizeof(float) * nsx));
+	fill_fp8<<<1024, 256>>>(w, (size_t)n * k, 0x9e3779b9u);
+	CK_LAUNCH("fill_fp8");
+	fill_fp8<<<1024, 256>>>(x, (size_t)m * k, 0x7f4a7c15u);
+	CK_LAUNCH("fill_fp8");
+	fill_f32<<<256, 256>>>(sw, nsw, 1.0f);
+	CK_LAUNCH("fill_f32");
+	fill_f32<<<256, 256>>>(sx, nsx, 1.0f);
+	CK_LAUNCH("fill_f32");
+	fp8_gemm g;
+	double rate = -1;
+	if (fp8_setup(lt, &g, m, n, k, block, sw, sx, shape, mode)) {
+		const float one = 1.0f, zero = 0.0f;
+		auto run = [&]() {
+			return cublasLtMatmul(lt, g.op, &one, w, g.la, x, g.lb, &zero, d, g.ld, d, g.ld, &g.algo.algo, g.work,
+					      g.work_size, s);
+		};
+		if (LT(run())) {
+			double flop = 2.0 * m * n * k;
+			int inner = (int)std::max(1.0, 4e12 / flop);
+			for (int r = 0; r < 2; r++)
+				CB(run());
+			CK(cudaStreamSynchronize(s));
+			std::vector<double> tf;
+			for (int r = 0; r < 10; r++) {
+				double ms = time_ms(s, [&] {
+					for (int i = 0; i < inner; i++)
+						CB(run());
+				});
+				tf.push_back(flop * inner / (ms * 1e-3) / 1e12);
+			}
+			rate = median(tf);
+		}
+	}
+	CK(cudaStreamSynchronize(s));
+	fp8_free(&g);
+	CK(cudaFree(w));
+	CK(cudaFree(x));
+	CK(cudaFree(d));
+	CK(cudaFree(sw));
+	CK(cudaFree(sx));
+	return rate;
+}
+
+static const int gemm_shapes[][3] = {
+	{ 8192, 8192, 8192 },	{ 512, 7168, 7168 },	{ 4096, 7168, 7168 }, { 512, 18432, 7168 },
+	{ 4096, 18432, 7168 }, { 512, 7168, 18432 }, { 4096, 7168, 18432 },
+};
+
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: " PROG " [--copy-gib G] [--no-gemm] [--no-copy]\n"
+	fprintf(f, "usage: " PROG " [--copy-gib G] [--no-gemm] [--no-fp8] [--no-copy]\n"
 		   "Measures the current GPU's device copy bandwidth (read + write bytes, GB/s) and cuBLAS\n"
 		   "BF16 matmul rate (TFLOP/s) at 8192^3 and at prefill shapes (M tokens x N x K).\n"
 		   "  --copy-gib G   bytes per copy buffer in GiB (default 4; four buffers are allocated)\n"
-		   "  --no-gemm      skip the matmul rates\n"
+		   "FP8 (E4M3) rates through cuBLASLt: DeepSeek's block scales (block128) and per tensor.\n"
+		   "  --no-gemm      skip the BF16 matmul rates\n"
+		   "  --no-fp8       skip the FP8 matmul rates\n"
 		   "  --no-copy      skip the copy bandwidth\n");
 }
 
 int main(int argc, char **argv)
 {
 	double gib = 4;
-	int do_copy = 1, do_gemm = 1;
+	int do_copy = 1, do_gemm = 1, do_fp8 = 1;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--help")) {
 			usage(stdout);
@@ -192,6 +358,8 @@ int main(int argc, char **argv)
 			gib = atof(argv[++i]);
 		} else if (!strcmp(argv[i], "--no-gemm")) {
 			do_gemm = 0;
+		} else if (!strcmp(argv[i], "--no-fp8")) {
+			do_fp8 = 0;
 		} else if (!strcmp(argv[i], "--no-copy")) {
 			do_copy = 0;
 		} else {
@@ -213,16 +381,26 @@ int main(int argc, char **argv)
 		cublasHandle_t h;
 		CB(cublasCreate(&h));
 		CB(cublasSetStream(h, s));
-		static const int shapes[][3] = {
-			{ 8192, 8192, 8192 },	{ 512, 7168, 7168 },	{ 4096, 7168, 7168 }, { 512, 18432, 7168 },
-			{ 4096, 18432, 7168 }, { 512, 7168, 18432 }, { 4096, 7168, 18432 },
-		};
-		for (const auto &sh : shapes) {
+		for (const auto &sh : gemm_shapes) {
 			double t = gemm_tflops(h, s, sh[0], sh[1], sh[2]);
 			printf("bf16_gemm_TFLOPs %dx%dx%d: %.1f\n", sh[0], sh[1], sh[2], t);
 			fflush(stdout);
 		}
 		CB(cublasDestroy(h));
+	}
+	if (do_fp8) {
+		cublasLtHandle_t lt;
+		CB(cublasLtCreate(&lt));
+		for (int block = 1; block >= 0; block--) {
+			for (const auto &sh : gemm_shapes) {
+				double t = fp8_tflops(lt, s, sh[0], sh[1], sh[2], block);
+				if (t > 0)
+					printf("fp8_gemm_TFLOPs %dx%dx%d %s: %.1f\n", sh[0], sh[1], sh[2],
+					       block ? "block128" : "tensor", t);
+				fflush(stdout);
+			}
+		}
+		CB(cublasLtDestroy(lt));
 	}
 	CK(cudaStreamDestroy(s));
 	return 0;
