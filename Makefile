@@ -122,11 +122,11 @@ test: deps
 	@DSV3_BIN=$(abspath $(BUILD)/bin) sh scripts/run_tests.sh $(TESTS)
 
 # The CUDA checks of scripts/test_cuda.sh, on the GPU machine: golden logits within DESIGN §6's
-# GPU limits, the CPU's greedy text, compute-sanitizer memcheck, build/tests-cuda/test_cuda_ops.
+# GPU limits, the CPU's greedy text, compute-sanitizer memcheck, the tests of tests/cuda.
 # Without a GPU it prints a skip line and passes, unless DSV3_REQUIRE_GPU is set.
 .PHONY: test-cuda
 test-cuda:
-	$(MAKE) all
+	$(MAKE) all cuda-tests
 	@DSV3_BIN=$(abspath $(BUILD)/bin) sh scripts/test_cuda.sh
 
 # Each fuzzer runs FUZZ_SECONDS from the committed seeds; new inputs go to build-fuzz/corpus.

@@ -8,7 +8,8 @@
 #      a batch of prompts of different lengths (batched decode), on FP8, BF16 and mp2 shards of a
 #      tiny checkpoint with DeepSeek-V3's vocabulary and tokenizer.
 #   3. with compute-sanitizer: one short generate and one verify case under memcheck, no error.
-#   4. build/tests-cuda/test_cuda_ops (CUDA vs CPU per op) when it has been built.
+#   4. the CUDA backend's own tests, build/tests-cuda/test_* (make cuda-tests: CUDA vs CPU per op
+#      and for the whole model), each that has been built.
 # Without a GPU (nvidia-smi -L fails, or dsv3-generate --device cuda says it has none) it prints
 # "test-cuda: skipped: no GPU" and exits 0, or 1 when DSV3_REQUIRE_GPU is set.
 # Env: DSV3_BIN (default build/bin), DSV3_TOKENIZER (default .deps/tokenizer: tokenizer.json and
@@ -19,6 +20,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$(cd "${DSV3_BIN:-$root/build/bin}" 2>/dev/null && pwd) || { echo "test-cuda: DSV3_BIN: no such directory" >&2; exit 1; }
 tokenizer=${DSV3_TOKENIZER:-$root/.deps/tokenizer}
 cd "$root" || exit 1
+export DSV3_BIN="$bin" # for the tests of tests/cuda, as make test gives its tests
 passed=0 failed=0 skipped=0
 
 no_gpu() {
@@ -204,12 +206,12 @@ fi
 
 # ---- 3. compute-sanitizer memcheck ----
 
-sanitizer=$(command -v compute-sanitizer 2>/dev/null)
+sanitizer=$(command -v compute-sanitizer 2>/dev/null || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 memcheck() {
 	"$sanitizer" --tool memcheck --error-exitcode 9 "$@"
 }
 if [ -z "$sanitizer" ]; then
-	skip "compute-sanitizer memcheck (compute-sanitizer is not on PATH)"
+	skip "compute-sanitizer memcheck (no compute-sanitizer on PATH or in /usr/local/cuda/bin)"
 else
 	head -n 2 "$work/prompts.txt" >"$work/two.txt"
 	if [ -f "$tokenizer/tokenizer.json" ]; then
@@ -222,14 +224,15 @@ else
 		--device cuda --ckpt-path "$work/tiny" --golden golden/tiny-4096.safetensors --max-seq-len 128
 fi
 
-# ---- 4. per-op CUDA vs CPU tests ----
+# ---- 4. the CUDA backend's own tests (tests/cuda/*.cu, built by make cuda-tests) ----
 
-ops=$(dirname "$bin")/tests-cuda/test_cuda_ops
-if [ -x "$ops" ]; then
-	check "$ops" "$ops"
-else
-	skip "test_cuda_ops ($ops is not built)"
-fi
+n_cuda_tests=0
+for t in "$(dirname "$bin")"/tests-cuda/test_*; do
+	[ -f "$t" ] && [ -x "$t" ] || continue
+	n_cuda_tests=$((n_cuda_tests + 1))
+	check "$t" "$t"
+done
+[ $n_cuda_tests -gt 0 ] || skip "tests/cuda ($(dirname "$bin")/tests-cuda/test_* not built: make cuda-tests)"
 
 [ $skipped -gt 0 ] && echo "test-cuda: $skipped check(s) skipped (see skip lines above)"
 echo "$passed passed, $failed failed"
