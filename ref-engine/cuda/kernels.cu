@@ -320,6 +320,275 @@ static int gemv_rows_nt(cudaStream_t s, const gemv_kparams &p, int rows, bool ve
 	return 0;
 }
 
+/* ---- GEMV on the tensor cores: 2-16 tokens ----
+ *
+ * At several tokens gemv_kernel's fp32 FMAs and x re-reads, not the weight reads, set its
+ * speed. Here a warp multiplies a 16-row tile of W by 8 tokens per mma.sync m16n8k16 (two
+ * n-tiles for 9-16 tokens). fp32-grade products from 16-bit multiplicands: FP8 weights are
+ * exact in f16, and x is split in two f16 parts (hi = f16(x), lo = f16(x - hi): 22 bits) that
+ * go through the same accumulator; BF16 weights take x in three bf16 parts (24 bits). f16 has
+ * a narrow range, so each token's 64 columns of a step are first scaled by a power of two that
+ * puts their largest |x| in [2^14, 2^15): nothing overflows, nothing that matters underflows,
+ * and the scale comes off exactly with the block scale when the step's sum joins the total.
+ *
+ * A dot product does not care in which order its k run, so each lane loads 16 contiguous
+ * bytes of its two rows (g = lane / 4 and g + 8, columns from 16 * (lane % 4) bytes on) in
+ * one coalesced load and gives them to its own k-slots of consecutive MMAs; its B fragment
+ * takes x of token g at the very same columns. PTX's m16n8k16 layout: A regs {a0a1, a2a3,
+ * a4a5, a6a7} hold (row g, k 2q..2q+1), (g + 8, 2q..), (g, 2q + 8..), (g + 8, 2q + 8..) with
+ * q = lane % 4; B regs {b0b1, b2b3} hold (k 2q.., n g), (k 2q + 8.., n g); C {c0, c1, c2, c3}
+ * hold (row g, n 2q, 2q + 1), (row g + 8, n 2q, 2q + 1). So MMA j of a step takes the lane's
+ * columns 4j, 4j + 1 as k 2q, 2q + 1 and 4j + 2, 4j + 3 as k 2q + 8, 2q + 9, for A and B. */
+
+#define GEMV_MMA_MT 2 /* 16-row m-tiles per warp: each x fragment serves 32 rows */
+
+template <int DT> struct mma_step {
+	static constexpr int cols = DT == DW_F8 ? 64 : 32;   /* columns a warp takes per step */
+	static constexpr int lane_cols = DT == DW_F8 ? 16 : 8; /* of them per lane: 16 bytes */
+	static constexpr int mmas = DT == DW_F8 ? 4 : 2;      /* k16 MMAs per step and part of x */
+};
+
+__device__ __forceinline__ void mma_f16(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+	asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+	    "{%0,%1,%2,%3};"
+	    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+	    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_bf16(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+	asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+	    "{%0,%1,%2,%3};"
+	    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+	    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two E4M3 bytes (low 16 bits of v) as an f16 pair, the lower byte in the lower half. */
+__device__ __forceinline__ uint32_t e4m3x2_h2(uint32_t v)
+{
+	__half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xffff), __NV_E4M3);
+	return (uint32_t)h.x | (uint32_t)h.y << 16;
+}
+
+/* a, b as the hi and lo f16 pairs of a B register: hi + lo is a, b to 22 bits. */
+__device__ __forceinline__ void split_h2(float a, float b, uint32_t *hi, uint32_t *lo)
+{
+	__half2 h = __floats2half2_rn(a, b);
+	float2 f = __half22float2(h);
+	__half2 l = __floats2half2_rn(a - f.x, b - f.y);
+	*hi = *(uint32_t *)&h;
+	*lo = *(uint32_t *)&l;
+}
+
+/* a, b as three bf16 pairs whose sum is a, b to 24 bits. */
+__device__ __forceinline__ void split_bf3(float a, float b, uint32_t *part)
+{
+#pragma unroll
+	for (int i = 0; i < 3; i++) {
+		__nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+		float2 f = __bfloat1622float2(h);
+		part[i] = *(uint32_t *)&h;
+		a -= f.x, b -= f.y;
+	}
+}
+
+/* The power of two that brings the largest |x| of a token's step (m, gathered over the
+ * token's four lanes) into [2^14, 2^15), and its inverse; zeros and huge values clamp. */
+__device__ __forceinline__ float2 step_scale(float m)
+{
+	m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+	m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+	int sh = 141 - (int)((__float_as_uint(m) >> 23) & 0xff);
+	sh = max(-100, min(100, sh));
+	return make_float2(__uint_as_float((uint32_t)(127 + sh) << 23), __uint_as_float((uint32_t)(127 - sh) << 23));
+}
+
+/* A block of 8 warps takes 16 * MT * (8 / wk) rows; wk warps split the steps along K. NTL
+ * n-tiles of 8 tokens. Needs 16-byte aligned rows and x (k_gemv's vec) and K % lane_cols. */
+template <int NTL, int MT, int DT, bool SILU>
+__global__ void __launch_bounds__(256, 2) gemv_mma_kernel(const __grid_constant__ gemv_kparams p)
+{
+	using S = mma_step<DT>;
+	constexpr int REGS = MT * NTL * 4; /* C values a lane holds */
+	const dweight &w = p.w[blockIdx.z];
+	float *y = p.y[blockIdx.z];
+	int n = p.n, e = 0;
+	const int *rin = nullptr, *rout = nullptr;
+	if (p.grouped) {
+		int g = blockIdx.y;
+		if (g >= *p.g.count)
+			return;
+		n = p.g.cnt[g];
+		e = p.g.exp[g];
+		rin = p.g.in + g * GEMV_MAX_TOKENS;
+		rout = p.g.out + g * GEMV_MAX_TOKENS;
+	}
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+	const int kw = warp % p.wk, rg = warp / p.wk, rows_pb = 16 * MT * (8 / p.wk);
+	const int r0 = blockIdx.x * rows_pb + rg * 16 * MT, K = w.cols;
+	if (blockIdx.x * rows_pb >= w.rows)
+		return;
+	const long long ebase = (long long)e * w.estride;
+	long long wrow[MT][2]; /* rows past the end load the last row, their sums unused */
+	const float *wsc[MT];  /* the m-tile's row of block scales (FP8) */
+#pragma unroll
+	for (int m = 0; m < MT; m++) {
+		wrow[m][0] = ebase + (long long)min(r0 + m * 16 + g, w.rows - 1) * K;
+		wrow[m][1] = ebase + (long long)min(r0 + m * 16 + g + 8, w.rows - 1) * K;
+		wsc[m] = DT == DW_F8 ? w.scale + (long long)e * w.sstride +
+					       (long long)(min(r0 + m * 16, w.rows - 1) >> 7) * w.scale_cols
+				     : nullptr;
+	}
+	long long xoff[NTL]; /* B side: token t * 8 + g; -1: no such token, x = 0 */
+#pragma unroll
+	for (int t = 0; t < NTL; t++) {
+		int tok = t * 8 + g;
+		xoff[t] = tok < n ? (long long)(rin ? rin[tok] : tok) * p.ldx : -1;
+	}
+	float acc[MT][NTL][4] = {};
+	const int steps = (K + S::cols - 1) / S::cols;
+	for (int s = kw; s < steps && r0 < w.rows; s += p.wk) {
+		const int c0 = s * S::cols + q * S::lane_cols;
+		const bool in = c0 < K; /* the last step may be part empty */
+		uint4 wv[MT][2];
+#pragma unroll
+		for (int m = 0; m < MT; m++)
+#pragma unroll
+			for (int h = 0; h < 2; h++) {
+				wv[m][h] = make_uint4(0, 0, 0, 0);
+				if (in)
+					wv[m][h] = __ldg((const uint4 *)((const uint8_t *)w.data +
+									  (wrow[m][h] + c0) * (DT == DW_F8 ? 1 : 2)));
+			}
+		float xv[NTL][S::lane_cols];
+#pragma unroll
+		for (int t = 0; t < NTL; t++) {
+			if (in && xoff[t] >= 0)
+				load_x<S::lane_cols, true, SILU>(xv[t], p.x, p.xb, xoff[t], c0, K);
+			else
+#pragma unroll
+				for (int i = 0; i < S::lane_cols; i++)
+					xv[t][i] = 0.0f;
+		}
+		if constexpr (DT == DW_F8) {
+			uint32_t bh[NTL][S::mmas][2], bl[NTL][S::mmas][2];
+			float inv[NTL][2]; /* the x scales to undo, of the lane's C tokens 2q, 2q + 1 */
+#pragma unroll
+			for (int t = 0; t < NTL; t++) {
+				float mx = 0.0f;
+#pragma unroll
+				for (int i = 0; i < S::lane_cols; i++)
+					mx = fmaxf(mx, fabsf(xv[t][i]));
+				float2 sc = step_scale(mx);
+#pragma unroll
+				for (int j = 0; j < S::mmas; j++) {
+					split_h2(xv[t][4 * j] * sc.x, xv[t][4 * j + 1] * sc.x, &bh[t][j][0], &bl[t][j][0]);
+					split_h2(xv[t][4 * j + 2] * sc.x, xv[t][4 * j + 3] * sc.x, &bh[t][j][1], &bl[t][j][1]);
+				}
+				inv[t][0] = __shfl_sync(0xffffffffu, sc.y, 8 * q);
+				inv[t][1] = __shfl_sync(0xffffffffu, sc.y, 8 * q + 4);
+			}
+#pragma unroll
+			for (int m = 0; m < MT; m++) {
+				const uint32_t u0[4] = { wv[m][0].x, wv[m][0].y, wv[m][0].z, wv[m][0].w };
+				const uint32_t u1[4] = { wv[m][1].x, wv[m][1].y, wv[m][1].z, wv[m][1].w };
+				const float bsc = __ldg(wsc[m] + (s * S::cols >> 7));
+				uint32_t a[S::mmas][4];
+#pragma unroll
+				for (int j = 0; j < S::mmas; j++) {
+					a[j][0] = e4m3x2_h2(u0[j]), a[j][1] = e4m3x2_h2(u1[j]);
+					a[j][2] = e4m3x2_h2(u0[j] >> 16), a[j][3] = e4m3x2_h2(u1[j] >> 16);
+				}
+#pragma unroll
+				for (int t = 0; t < NTL; t++) {
+					float part[4] = {};
+#pragma unroll
+					for (int j = 0; j < S::mmas; j++) {
+						mma_f16(part, a[j], bh[t][j][0], bh[t][j][1]);
+						mma_f16(part, a[j], bl[t][j][0], bl[t][j][1]);
+					}
+#pragma unroll
+					for (int i = 0; i < 4; i++)
+						acc[m][t][i] = fmaf(part[i], bsc * inv[t][i & 1], acc[m][t][i]);
+				}
+			}
+		} else {
+			uint32_t b[NTL][S::mmas][2][3];
+#pragma unroll
+			for (int t = 0; t < NTL; t++)
+#pragma unroll
+				for (int j = 0; j < S::mmas; j++) {
+					split_bf3(xv[t][4 * j], xv[t][4 * j + 1], b[t][j][0]);
+					split_bf3(xv[t][4 * j + 2], xv[t][4 * j + 3], b[t][j][1]);
+				}
+#pragma unroll
+			for (int m = 0; m < MT; m++) {
+				const uint32_t u0[4] = { wv[m][0].x, wv[m][0].y, wv[m][0].z, wv[m][0].w };
+				const uint32_t u1[4] = { wv[m][1].x, wv[m][1].y, wv[m][1].z, wv[m][1].w };
+#pragma unroll
+				for (int j = 0; j < S::mmas; j++) {
+					const uint32_t a[4] = { u0[2 * j], u1[2 * j], u0[2 * j + 1], u1[2 * j + 1] };
+#pragma unroll
+					for (int t = 0; t < NTL; t++)
+#pragma unroll
+						for (int k = 0; k < 3; k++)
+							mma_bf16(acc[m][t], a, b[t][j][0][k], b[t][j][1][k]);
+				}
+			}
+		}
+	}
+	/* the wk partial sums of each C value, then y; lane-minor so a warp's stores hit 32 banks */
+	__shared__ float red[8][REGS][32];
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+#pragma unroll
+		for (int t = 0; t < NTL; t++)
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				red[warp][(m * NTL + t) * 4 + i][lane] = acc[m][t][i];
+	__syncthreads();
+	for (int i = threadIdx.x; i < (8 / p.wk) * REGS * 32; i += blockDim.x) {
+		const int l = i & 31, reg = (i >> 5) % REGS, g2 = (i >> 5) / REGS;
+		const int m = reg / (NTL * 4), t = (reg >> 2) % NTL, c = reg & 3;
+		const int row = blockIdx.x * rows_pb + g2 * 16 * MT + m * 16 + (l >> 2) + (c >> 1) * 8;
+		const int tok = t * 8 + 2 * (l & 3) + (c & 1);
+		if (tok >= n || row >= w.rows)
+			continue;
+		float sum = 0.0f;
+		for (int k = 0; k < p.wk; k++)
+			sum += red[g2 * p.wk + k][reg][l];
+		float *dst = y + (long long)(rout ? rout[tok] : tok) * p.ldy[blockIdx.z] + row;
+		*dst = p.acc ? *dst + sum : sum;
+	}
+}
+
+template <int NTL, int DT>
+static void gemv_mma_dt(cudaStream_t s, const gemv_kparams &p, dim3 grid)
+{
+	constexpr int MT = GEMV_MMA_MT;
+	if (p.xb)
+		gemv_mma_kernel<NTL, MT, DT, true><<<grid, 256, 0, s>>>(p);
+	else
+		gemv_mma_kernel<NTL, MT, DT, false><<<grid, 256, 0, s>>>(p);
+}
+
+/* gemv_mma_kernel for 2-16 tokens with its own split of K: wk warps per row tile when every
+ * warp still gets two steps or more. */
+static void gemv_mma(cudaStream_t s, gemv_kparams p, int rows, int max_groups)
+{
+	const int dt = p.w[0].dtype, cols = dt == DW_F8 ? 64 : 32;
+	int steps = (p.w[0].cols + cols - 1) / cols;
+	p.wk = steps >= 16 ? 8 : steps >= 8 ? 4 : steps >= 4 ? 2 : 1;
+	int rows_pb = 16 * GEMV_MMA_MT * (8 / p.wk);
+	dim3 grid((rows + rows_pb - 1) / rows_pb, max_groups, p.w[1].data ? 2 : 1);
+	bool two = p.n > 8; /* a group holds at most n tokens: each picks an expert once */
+	if (dt == DW_F8)
+		two ? gemv_mma_dt<2, DW_F8>(s, p, grid) : gemv_mma_dt<1, DW_F8>(s, p, grid);
+	else
+		two ? gemv_mma_dt<2, DW_BF16>(s, p, grid) : gemv_mma_dt<1, DW_BF16>(s, p, grid);
+}
+
 void k_gemv(cudaStream_t s, const gemv_call *c)
 {
 	gemv_kparams p = {};
@@ -350,6 +619,11 @@ void k_gemv(cudaStream_t s, const gemv_call *c)
 		   (!c->silu_b || ((uintptr_t)c->silu_b & 15) == 0) && ((uintptr_t)p.w[0].data & 15) == 0 &&
 		   (!c->w2 || ((uintptr_t)p.w[1].data & 15) == 0) && (p.w[0].estride % 16) == 0;
 	int rows = p.w[0].rows > p.w[1].rows ? p.w[0].rows : p.w[1].rows;
+	if (nt >= 2 && vec && dt != DW_F32 && (!c->w2 || p.w[1].dtype == dt)) {
+		gemv_mma(s, p, rows, max_groups);
+		LAUNCHED("gemv_mma_kernel");
+		return;
+	}
 	if (nt <= 1)
 		gemv_rows_nt<1, 4>(s, p, rows, vec, max_groups);
 	else if (nt <= 2)

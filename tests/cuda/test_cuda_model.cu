@@ -146,12 +146,16 @@ static float *random_vec(size_t n)
 }
 
 /* GEMV of n tokens against op_matmul on the CPU, for shapes that are and are not multiples
- * of 128 (and of 16: the kernel's scalar path). */
-static void check_gemv(int dt, int rows, int cols, int n, int accumulate)
+ * of 128 (and of 16: the kernel's scalar path). Token t's x is scaled by mag[t] when mag is
+ * given, and each token is compared on its own, so a small one's errors cannot hide. */
+static void check_gemv_mag(int dt, int rows, int cols, int n, int accumulate, const float *mag)
 {
 	test_weight w;
 	make_weight(&w, dt, rows, cols);
 	float *x = random_vec((size_t)n * cols), *y0 = random_vec((size_t)n * rows);
+	for (int t = 0; mag && t < n; t++)
+		for (int i = 0; i < cols; i++)
+			x[(size_t)t * cols + i] *= mag[t];
 	float *ref = (float *)malloc(sizeof(float) * n * rows), *got = (float *)malloc(sizeof(float) * n * rows);
 	thread_pool *pool = thread_pool_create(2);
 	op_matmul(pool, ref, &w.view, x, n);
@@ -164,12 +168,18 @@ static void check_gemv(int dt, int rows, int cols, int n, int accumulate)
 	k_gemv(0, &c);
 	CK(cudaMemcpy(got, dy, sizeof(float) * n * rows, cudaMemcpyDeviceToHost));
 	char what[96];
-	snprintf(what, sizeof what, "gemv %s %dx%d n=%d", dt == DW_F8 ? "fp8" : "bf16", rows, cols, n);
-	assert_close(got, ref, (size_t)n * rows, what, 0);
+	snprintf(what, sizeof what, "gemv %s %dx%d n=%d token", dt == DW_F8 ? "fp8" : "bf16", rows, cols, n);
+	for (int t = 0; t < n; t++)
+		assert_close(got + (size_t)t * rows, ref + (size_t)t * rows, rows, what, t);
 	thread_pool_destroy(pool);
 	cudaFree(dx), cudaFree(dy);
 	free(x), free(y0), free(ref), free(got);
 	free_weight(&w);
+}
+
+static void check_gemv(int dt, int rows, int cols, int n, int accumulate)
+{
+	check_gemv_mag(dt, rows, cols, n, accumulate, NULL);
 }
 
 static void test_gemv_matches_cpu(void **state)
@@ -235,6 +245,148 @@ static void test_grouped_experts_match_cpu(void **state)
 		free_weight(&ex[e]);
 	cudaFree((void *)d.data), cudaFree((void *)d.scale), cudaFree(dtop), cudaFree(gbuf), cudaFree(dx), cudaFree(dy);
 	free(stack), free(sst), free(x), free(got), free(ref);
+}
+
+/* The tensor-core GEMV (2-16 tokens, rows of whole 16-byte pieces): rows that are not a
+ * multiple of 16, K in whole and part steps, the dense MLP's shapes, one and two n-tiles. The
+ * BF16 18432x7168 case is left out: its CPU reference alone would take most of a minute. */
+static void test_gemv_mma_shapes_match_cpu(void **state)
+{
+	(void)state;
+	NEED_GPU();
+	static const int shapes[][2] = { { 7168, 2048 }, { 200, 7168 }, { 18432, 7168 } };
+	static const int ns[] = { 2, 8, 16 };
+	for (int dt = DW_BF16; dt <= DW_F8; dt++)
+		for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+			for (size_t k = 0; k < sizeof ns / sizeof *ns; k++)
+				if (dt == DW_F8 || shapes[s][0] < 10000)
+					check_gemv(dt, shapes[s][0], shapes[s][1], ns[k], (int)(k & 1));
+}
+
+/* f16 holds the FP8 path's x: tokens of 1e5 (past f16's range) and 1e-6 (below its normal
+ * numbers) must come out as exact as tokens near 1. */
+static void test_gemv_mma_wide_range_x(void **state)
+{
+	(void)state;
+	NEED_GPU();
+	static const float mag[] = { 1e5f, 1e-6f, 1.0f, 3e3f, 2e-4f, 1e5f, 1e-6f, 0.5f, 7e4f, 1e-7f };
+	for (int dt = DW_BF16; dt <= DW_F8; dt++) {
+		check_gemv_mag(dt, 300, 1024, 10, 0, mag);
+		check_gemv_mag(dt, 300, 1024, 3, 1, mag);
+	}
+}
+
+/* Two weights at once (y = W1 u, y2 = W3 u) with the SILU input u = silu(x) * b, y2 at its
+ * own row stride: the 1-token kernel and the tensor-core one. */
+static void test_gemv_pair_silu_matches_cpu(void **state)
+{
+	(void)state;
+	NEED_GPU();
+	const int rows = 200, cols = 2048, ldy2 = rows + 8;
+	static const int ns[] = { 1, 5, 16 };
+	thread_pool *pool = thread_pool_create(2);
+	for (int dt = DW_BF16; dt <= DW_F8; dt++)
+		for (size_t k = 0; k < sizeof ns / sizeof *ns; k++) {
+			int n = ns[k];
+			test_weight w1, w3;
+			make_weight(&w1, dt, rows, cols);
+			make_weight(&w3, dt, rows, cols);
+			float *x = random_vec((size_t)n * cols), *b = random_vec((size_t)n * cols);
+			float *u = (float *)malloc(sizeof(float) * n * cols);
+			memcpy(u, x, sizeof(float) * n * cols);
+			op_silu_mul(u, b, n * cols);
+			float *r1 = (float *)malloc(sizeof(float) * n * rows), *r3 = (float *)malloc(sizeof(float) * n * rows);
+			op_matmul(pool, r1, &w1.view, u, n);
+			op_matmul(pool, r3, &w3.view, u, n);
+			float *dx = (float *)to_dev(x, sizeof(float) * n * cols), *db = (float *)to_dev(b, sizeof(float) * n * cols);
+			float *dy, *dy2;
+			CK(cudaMalloc(&dy, sizeof(float) * n * rows));
+			CK(cudaMalloc(&dy2, sizeof(float) * n * ldy2));
+			gemv_call c = {};
+			c.w = &w1.dev, c.w2 = &w3.dev, c.x = dx, c.silu_b = db, c.ldx = cols;
+			c.y = dy, c.y2 = dy2, c.ldy = rows, c.ldy2 = ldy2, c.n = n;
+			k_gemv(0, &c);
+			float *g1 = (float *)malloc(sizeof(float) * n * rows), *g3 = (float *)malloc(sizeof(float) * n * ldy2);
+			CK(cudaMemcpy(g1, dy, sizeof(float) * n * rows, cudaMemcpyDeviceToHost));
+			CK(cudaMemcpy(g3, dy2, sizeof(float) * n * ldy2, cudaMemcpyDeviceToHost));
+			for (int t = 0; t < n; t++) {
+				assert_close(g1 + (size_t)t * rows, r1 + (size_t)t * rows, rows, "gemv pair w1 token", t);
+				assert_close(g3 + (size_t)t * ldy2, r3 + (size_t)t * rows, rows, "gemv pair w3 token", t);
+			}
+			cudaFree(dx), cudaFree(db), cudaFree(dy), cudaFree(dy2);
+			free(x), free(b), free(u), free(r1), free(r3), free(g1), free(g3);
+			free_weight(&w1), free_weight(&w3);
+		}
+	thread_pool_destroy(pool);
+}
+
+/* Grouped GEMV of 16 tokens (the tensor-core kernel's two n-tiles): expert 0 is in every
+ * token's top-k, the others in some; rows not a multiple of 16. */
+static void check_grouped_16(int dt)
+{
+	enum { E = 6, K = 3, n = 16 };
+	const int rows = 200, cols = 2048;
+	test_weight ex[E];
+	for (int e = 0; e < E; e++)
+		make_weight(&ex[e], dt, rows, cols);
+	const size_t esz = dt == DW_F8 ? 1 : 2, wbytes = (size_t)rows * cols * esz;
+	const int rb = (rows + 127) / 128, cb = (cols + 127) / 128;
+	uint8_t *stack = (uint8_t *)malloc(E * wbytes);
+	float *sst = (float *)malloc(sizeof(float) * E * rb * cb);
+	for (int e = 0; e < E; e++) {
+		memcpy(stack + e * wbytes, ex[e].host, wbytes);
+		if (dt == DW_F8)
+			memcpy(sst + e * rb * cb, ex[e].hscale, sizeof(float) * rb * cb);
+	}
+	dweight d = {};
+	d.dtype = dt, d.rows = rows, d.cols = cols;
+	d.data = to_dev(stack, E * wbytes);
+	d.estride = (long long)rows * cols;
+	if (dt == DW_F8) {
+		d.scale_cols = cb, d.sstride = rb * cb;
+		d.scale = (const float *)to_dev(sst, sizeof(float) * E * rb * cb);
+	}
+	int topk[n * K];
+	for (int t = 0; t < n; t++) {
+		topk[t * K] = 0;
+		topk[t * K + 1] = 1 + t % 5;
+		topk[t * K + 2] = 1 + (t + 2) % 5;
+	}
+	float *x = random_vec((size_t)n * cols);
+	int *dtop = (int *)to_dev(topk, sizeof topk);
+	int *gbuf;
+	CK(cudaMalloc(&gbuf, sizeof(int) * (4 + n * K * (2 + 2 * GEMV_MAX_TOKENS))));
+	int *count = gbuf, *exp = gbuf + 4, *cnt = exp + n * K, *tok = cnt + n * K, *pair = tok + n * K * GEMV_MAX_TOKENS;
+	k_moe_groups(0, dtop, n, K, count, exp, cnt, tok, pair);
+	float *dx = (float *)to_dev(x, sizeof(float) * n * cols), *dy;
+	CK(cudaMalloc(&dy, sizeof(float) * n * K * rows));
+	gemv_groups gr = { count, exp, cnt, tok, pair, E };
+	gemv_call c = {};
+	c.w = &d, c.x = dx, c.ldx = cols, c.y = dy, c.ldy = rows, c.n = n, c.groups = &gr;
+	k_gemv(0, &c);
+	float *got = (float *)malloc(sizeof(float) * n * K * rows), *ref = (float *)malloc(sizeof(float) * rows);
+	CK(cudaMemcpy(got, dy, sizeof(float) * n * K * rows, cudaMemcpyDeviceToHost));
+	int host_count;
+	CK(cudaMemcpy(&host_count, count, sizeof(int), cudaMemcpyDeviceToHost));
+	assert_int_equal(host_count, E);
+	thread_pool *pool = thread_pool_create(2);
+	for (int p = 0; p < n * K; p++) {
+		op_matvec(pool, ref, &ex[topk[p]].view, x + (size_t)(p / K) * cols);
+		assert_close(got + (size_t)p * rows, ref, rows, dt == DW_F8 ? "grouped fp8 x16" : "grouped bf16 x16", p);
+	}
+	thread_pool_destroy(pool);
+	for (int e = 0; e < E; e++)
+		free_weight(&ex[e]);
+	cudaFree((void *)d.data), cudaFree((void *)d.scale), cudaFree(dtop), cudaFree(gbuf), cudaFree(dx), cudaFree(dy);
+	free(stack), free(sst), free(x), free(got), free(ref);
+}
+
+static void test_grouped_16_tokens_match_cpu(void **state)
+{
+	(void)state;
+	NEED_GPU();
+	check_grouped_16(DW_F8);
+	check_grouped_16(DW_BF16);
 }
 
 /* MLA decode attention of several queries at awkward context lengths (past 4k included)
@@ -448,6 +600,10 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_gemv_matches_cpu),
 		cmocka_unit_test(test_grouped_experts_match_cpu),
+		cmocka_unit_test(test_gemv_mma_shapes_match_cpu),
+		cmocka_unit_test(test_gemv_mma_wide_range_x),
+		cmocka_unit_test(test_gemv_pair_silu_matches_cpu),
+		cmocka_unit_test(test_grouped_16_tokens_match_cpu),
 		cmocka_unit_test(test_mla_attention_matches_cpu),
 		cmocka_unit_test_setup_teardown(test_tiny_fp8_prompt_decode, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_tiny_v2_bf16_prompt_decode, setup, teardown),
