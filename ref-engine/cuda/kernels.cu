@@ -615,6 +615,13 @@ void k_gemv(cudaStream_t s, const gemv_call *c)
 	const int epl = dt == DW_F8 ? 16 : dt == DW_BF16 ? 8 : 4;
 	int iters = (K + 32 * epl - 1) / (32 * epl);
 	p.wk = iters >= 8 ? 8 : iters >= 4 ? 4 : iters >= 2 ? 2 : 1;
+	static int max_wk = -1; /* DSV3_GEMV_MAX_WK: a cap for experiments */
+	if (max_wk < 0) {
+		const char *e = getenv("DSV3_GEMV_MAX_WK");
+		max_wk = e ? atoi(e) : 8;
+	}
+	while (p.wk > max_wk && p.wk > 1)
+		p.wk /= 2;
 	bool vec = K % epl == 0 && c->ldx % 4 == 0 && ((uintptr_t)c->x & 15) == 0 &&
 		   (!c->silu_b || ((uintptr_t)c->silu_b & 15) == 0) && ((uintptr_t)p.w[0].data & 15) == 0 &&
 		   (!c->w2 || ((uintptr_t)p.w[1].data & 15) == 0) && (p.w[0].estride % 16) == 0;
@@ -624,7 +631,9 @@ void k_gemv(cudaStream_t s, const gemv_call *c)
 		LAUNCHED("gemv_mma_kernel");
 		return;
 	}
-	if (nt <= 1)
+	if (nt <= 1 && dt == DW_F8) /* eight rows: more bytes in flight against the decode's cost */
+		gemv_rows_nt<1, 8>(s, p, rows, vec, max_groups);
+	else if (nt <= 1)
 		gemv_rows_nt<1, 4>(s, p, rows, vec, max_groups);
 	else if (nt <= 2)
 		gemv_rows_nt<2, 4>(s, p, rows, vec, max_groups);
@@ -642,13 +651,14 @@ void k_gemv(cudaStream_t s, const gemv_call *c)
 __global__ void embed_kernel(float *out, dweight w, const int *ids)
 {
 	int t = blockIdx.x, id = ids[t];
+#pragma unroll 4
 	for (int c = threadIdx.x; c < w.cols; c += blockDim.x)
 		out[(long long)t * w.cols + c] = w_at(w, 0, id, c);
 }
 
 void k_embed(cudaStream_t s, float *out, const dweight *w, const int *ids, int n)
 {
-	embed_kernel<<<n, 256, 0, s>>>(out, *w, ids);
+	embed_kernel<<<n, 1024, 0, s>>>(out, *w, ids);
 	LAUNCHED("embed_kernel");
 }
 
@@ -657,17 +667,19 @@ __global__ void rmsnorm_kernel(float *y, const float *x, int ld, dweight w, int 
 	const float *xr = x + (long long)blockIdx.x * ld;
 	float *yr = y + (long long)blockIdx.x * ld;
 	float ss = 0.0f;
+#pragma unroll 4
 	for (int i = threadIdx.x; i < dim; i += blockDim.x)
 		ss += xr[i] * xr[i];
 	ss = block_sum(ss);
 	float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+#pragma unroll 4
 	for (int i = threadIdx.x; i < dim; i += blockDim.x)
 		yr[i] = xr[i] * inv * w_at(w, 0, 0, i);
 }
 
 void k_rmsnorm(cudaStream_t s, float *y, const float *x, int ld, const dweight *w, int dim, int n, float eps)
 {
-	rmsnorm_kernel<<<n, 256, 0, s>>>(y, x, ld, *w, dim, eps);
+	rmsnorm_kernel<<<n, dim >= 2048 ? 1024 : 256, 0, s>>>(y, x, ld, *w, dim, eps);
 	LAUNCHED("rmsnorm_kernel");
 }
 
@@ -690,6 +702,7 @@ __global__ void rope_kv_kernel(float *q, const float *kv, dweight kv_norm, mla_c
 	const int t = blockIdx.x, half = rope / 2, qhd = nope + rope;
 	const float p = (float)pos[t];
 	float *qt = q + (long long)t * H * qhd;
+#pragma unroll 4
 	for (int i = threadIdx.x; i < H * half; i += blockDim.x) {
 		int h = i / half, k = i % half;
 		float a = p * inv_freq[k], cs = cosf(a), sn = sinf(a);
@@ -723,185 +736,7 @@ void k_rope_kv(cudaStream_t s, float *q, const float *kv, const dweight *kv_norm
 	LAUNCHED("rope_kv_kernel");
 }
 
-/* ---- MLA decode attention, absorbed ---- */
-
-#define ATT_QT 8    /* queries per block in the projections through wkv_b */
-#define ATT_TT 32   /* cache rows per block in the scores: one per lane */
-#define ATT_HG 8    /* heads per block in P.C */
-#define ATT_SPLITS 16
-
-static int att_split(int ctx_cap)
-{
-	int ss = (ctx_cap + ATT_SPLITS - 1) / ATT_SPLITS;
-	ss = (ss + 31) / 32 * 32;
-	return ss < 64 ? 64 : ss;
-}
-
-size_t mla_scratch_floats(int H, int lora, int rope, int n, int ctx_cap, float **qc, float **scores,
-			  float **partial, float *base)
-{
-	size_t a = (size_t)n * H * (lora + rope), b = (size_t)n * H * ctx_cap;
-	size_t c = (size_t)n * ATT_SPLITS * H * lora;
-	if (base) {
-		*qc = base;
-		*scores = base + a;
-		*partial = base + a + b;
-	}
-	return a + b + c;
-}
-
-/* qc[t, h] = [q_nope[t, h] . wkv_b[h, :nope] | q_pe[t, h]]. */
-__global__ void absorb_kernel(mla_args a, const float *q)
-{
-	extern __shared__ float qn[]; /* [ATT_QT][nope] */
-	const int h = blockIdx.x, t0 = blockIdx.y * ATT_QT, qhd = a.nope + a.rope, D = a.lora + a.rope;
-	const int nq = min(ATT_QT, a.n - t0);
-	for (int i = threadIdx.x; i < nq * a.nope; i += blockDim.x) {
-		int t = i / a.nope, j = i % a.nope;
-		qn[t * a.nope + j] = q[(long long)(t0 + t) * a.H * qhd + h * qhd + j];
-	}
-	__syncthreads();
-	const dweight &w = a.wkv_b;
-	for (int c = threadIdx.x; c < a.lora; c += blockDim.x) {
-		float acc[ATT_QT] = {};
-		for (int j = 0; j < a.nope; j++) {
-			float wv = w_at(w, 0, (long long)h * (a.nope + a.v) + j, c);
-#pragma unroll
-			for (int t = 0; t < ATT_QT; t++)
-				acc[t] = fmaf(qn[t * a.nope + j], wv, acc[t]);
-		}
-		for (int t = 0; t < nq; t++)
-			a.qc[((long long)(t0 + t) * a.H + h) * D + c] = acc[t];
-	}
-	for (int i = threadIdx.x; i < nq * a.rope; i += blockDim.x) {
-		int t = i / a.rope, k = i % a.rope;
-		a.qc[((long long)(t0 + t) * a.H + h) * D + a.lora + k] =
-			q[(long long)(t0 + t) * a.H * qhd + h * qhd + a.nope + k];
-	}
-}
-
-/* scores[t, h, p] = softmax_scale * qc[t, h] . cache[p], one cache row per lane. */
-__global__ void scores_kernel(mla_args a)
-{
-	extern __shared__ float tile[]; /* [ATT_TT][D + 1] */
-	const int t = blockIdx.y, p0 = blockIdx.x * ATT_TT, D = a.lora + a.rope;
-	const int last = a.pos[t];
-	if (p0 > last)
-		return;
-	const float *rows = a.cache.base + ((long long)a.seqs[t] * a.cache.seq_stride + p0) * D;
-	const int np = min(ATT_TT, last + 1 - p0);
-	for (int i = threadIdx.x; i < np * D; i += blockDim.x)
-		tile[(i / D) * (D + 1) + i % D] = rows[i];
-	__syncthreads();
-	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	if (lane >= np)
-		return;
-	const float *tr = tile + lane * (D + 1);
-	for (int h = warp; h < a.H; h += blockDim.x >> 5) {
-		const float *qc = a.qc + ((long long)t * a.H + h) * D;
-		float s = 0.0f;
-		for (int d = 0; d < D; d++)
-			s = fmaf(__ldg(qc + d), tr[d], s);
-		a.scores[((long long)t * a.H + h) * a.ctx_cap + p0 + lane] = s * a.softmax_scale;
-	}
-}
-
-__global__ void softmax_kernel(mla_args a)
-{
-	const int h = blockIdx.x, t = blockIdx.y, n = a.pos[t] + 1;
-	float *s = a.scores + ((long long)t * a.H + h) * a.ctx_cap;
-	float m = -INFINITY;
-	for (int i = threadIdx.x; i < n; i += blockDim.x)
-		m = fmaxf(m, s[i]);
-	m = block_max(m);
-	float sum = 0.0f;
-	for (int i = threadIdx.x; i < n; i += blockDim.x) {
-		float e = expf(s[i] - m);
-		s[i] = e;
-		sum += e;
-	}
-	sum = block_sum(sum);
-	for (int i = threadIdx.x; i < n; i += blockDim.x)
-		s[i] /= sum;
-}
-
-/* partial[t, split, h, c] = sum over the split's rows p of P[t, h, p] * cache[p, c], c < lora. */
-__global__ void pv_kernel(mla_args a, int split)
-{
-	const int hg = blockIdx.x * ATT_HG, sp = blockIdx.y, t = blockIdx.z, D = a.lora + a.rope;
-	const int p0 = sp * split, last = a.pos[t];
-	if (p0 > last)
-		return;
-	const int p1 = min(last + 1, p0 + split), nh = min(ATT_HG, a.H - hg);
-	const float *rows = a.cache.base + (long long)a.seqs[t] * a.cache.seq_stride * D;
-	const float *P = a.scores + ((long long)t * a.H + hg) * a.ctx_cap;
-	for (int c = threadIdx.x; c < a.lora; c += blockDim.x) {
-		float acc[ATT_HG] = {};
-		for (int p = p0; p < p1; p++) {
-			float cv = rows[(long long)p * D + c];
-#pragma unroll
-			for (int h = 0; h < ATT_HG; h++)
-				if (h < nh)
-					acc[h] = fmaf(__ldg(P + (long long)h * a.ctx_cap + p), cv, acc[h]);
-		}
-		for (int h = 0; h < nh; h++)
-			a.partial[(((long long)t * ATT_SPLITS + sp) * a.H + hg + h) * a.lora + c] = acc[h];
-	}
-}
-
-/* out[t, h, j] = (sum of the splits' o_c[t, h]) . wkv_b[h, nope + j], j < v. */
-__global__ void vproj_kernel(mla_args a, int split, float *out)
-{
-	extern __shared__ float oc[]; /* [ATT_QT][lora] */
-	const int h = blockIdx.x, t0 = blockIdx.y * ATT_QT, nq = min(ATT_QT, a.n - t0);
-	for (int i = threadIdx.x; i < nq * a.lora; i += blockDim.x) {
-		int t = i / a.lora, c = i % a.lora, ns = a.pos[t0 + t] / split + 1;
-		float s = 0.0f;
-		for (int sp = 0; sp < ns; sp++)
-			s += a.partial[(((long long)(t0 + t) * ATT_SPLITS + sp) * a.H + h) * a.lora + c];
-		oc[t * a.lora + c] = s;
-	}
-	__syncthreads();
-	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	const dweight &w = a.wkv_b;
-	for (int j = warp; j < a.v; j += blockDim.x >> 5) {
-		long long row = (long long)h * (a.nope + a.v) + a.nope + j;
-		float acc[ATT_QT] = {};
-		for (int c = lane; c < a.lora; c += 32) {
-			float wv = w_at(w, 0, row, c);
-#pragma unroll
-			for (int t = 0; t < ATT_QT; t++)
-				acc[t] = fmaf(oc[t * a.lora + c], wv, acc[t]);
-		}
-#pragma unroll
-		for (int t = 0; t < ATT_QT; t++) {
-			float v = warp_sum(acc[t]);
-			if (!lane && t < nq)
-				out[((long long)(t0 + t) * a.H + h) * a.v + j] = v;
-		}
-	}
-}
-
-void k_mla_attention(cudaStream_t s, const mla_args *a, const float *q, float *out)
-{
-	const int D = a->lora + a->rope, qt = (a->n + ATT_QT - 1) / ATT_QT, split = att_split(a->ctx_cap);
-	absorb_kernel<<<dim3(a->H, qt), 256, sizeof(float) * ATT_QT * a->nope, s>>>(*a, q);
-	LAUNCHED("absorb_kernel");
-	size_t tile = sizeof(float) * ATT_TT * (D + 1);
-	static bool raised;
-	if (!raised) {
-		CK(cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-		raised = true;
-	}
-	scores_kernel<<<dim3((a->ctx_cap + ATT_TT - 1) / ATT_TT, a->n), 256, tile, s>>>(*a);
-	LAUNCHED("scores_kernel");
-	softmax_kernel<<<dim3(a->H, a->n), 256, 0, s>>>(*a);
-	LAUNCHED("softmax_kernel");
-	pv_kernel<<<dim3((a->H + ATT_HG - 1) / ATT_HG, (a->ctx_cap + split - 1) / split, a->n), 256, 0, s>>>(*a, split);
-	LAUNCHED("pv_kernel");
-	vproj_kernel<<<dim3(a->H, qt), 256, sizeof(float) * ATT_QT * a->lora, s>>>(*a, split, out);
-	LAUNCHED("vproj_kernel");
-}
+/* MLA attention: attention.cu. */
 
 /* ---- MoE routing ---- */
 
@@ -1068,18 +903,19 @@ void k_moe_groups(cudaStream_t s, const int *topk, int n, int K, int *count, int
 
 __global__ void moe_combine_kernel(float *x, const float *y, const float *w, int K, int dim)
 {
-	const int t = blockIdx.x;
-	for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-		float s = 0.0f;
-		for (int k = 0; k < K; k++)
-			s = fmaf(w[t * K + k], y[((long long)t * K + k) * dim + c], s);
-		x[(long long)t * dim + c] += s;
-	}
+	const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+	if (c >= dim)
+		return;
+	float s = 0.0f;
+#pragma unroll 8
+	for (int k = 0; k < K; k++)
+		s = fmaf(w[t * K + k], y[((long long)t * K + k) * dim + c], s);
+	x[(long long)t * dim + c] += s;
 }
 
 void k_moe_combine(cudaStream_t s, float *x, const float *y, const float *weights, int n, int K, int dim)
 {
-	moe_combine_kernel<<<n, 256, 0, s>>>(x, y, weights, K, dim);
+	moe_combine_kernel<<<dim3((dim + 255) / 256, n), 256, 0, s>>>(x, y, weights, K, dim);
 	LAUNCHED("moe_combine_kernel");
 }
 
@@ -1098,49 +934,3 @@ void k_to_bf16(cudaStream_t s, void *out, const float *x, size_t n)
 	LAUNCHED("to_bf16_kernel");
 }
 
-__global__ void dequant_kernel(__nv_bfloat16 *out, dweight w, int e)
-{
-	size_t n = (size_t)w.rows * w.cols;
-	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-		out[i] = __float2bfloat16_rn(w_at(w, e, (long long)(i / w.cols), (int)(i % w.cols)));
-}
-
-void k_dequant_bf16(cudaStream_t s, void *out, const dweight *w, int expert)
-{
-	size_t blocks = ((size_t)w->rows * w->cols + 255) / 256;
-	dequant_kernel<<<blocks < 16384 ? (int)blocks : 16384, 256, 0, s>>>((__nv_bfloat16 *)out, *w, expert);
-	LAUNCHED("dequant_kernel");
-}
-
-__global__ void gather_kernel(float *out, const float *x, const int *idx, int dim)
-{
-	const int i = blockIdx.x;
-	for (int c = threadIdx.x; c < dim; c += blockDim.x)
-		out[(long long)i * dim + c] = x[(long long)idx[i] * dim + c];
-}
-
-void k_gather(cudaStream_t s, float *out, const float *x, const int *idx, int n, int dim)
-{
-	if (!n)
-		return;
-	gather_kernel<<<n, 256, 0, s>>>(out, x, idx, dim);
-	LAUNCHED("gather_kernel");
-}
-
-/* One block per column range; rows in order so that a token hit twice adds in a fixed order. */
-__global__ void scatter_add_kernel(float *x, const float *y, const int *idx, const float *w, int n, int K, int dim)
-{
-	int c = blockIdx.x * blockDim.x + threadIdx.x;
-	if (c >= dim)
-		return;
-	for (int i = 0; i < n; i++)
-		x[(long long)(idx[i] / K) * dim + c] += w[idx[i]] * y[(long long)i * dim + c];
-}
-
-void k_scatter_add(cudaStream_t s, float *x, const float *y, const int *idx, const float *w, int n, int K, int dim)
-{
-	if (!n)
-		return;
-	scatter_add_kernel<<<(dim + 255) / 256, 256, 0, s>>>(x, y, idx, w, n, K, dim);
-	LAUNCHED("scatter_add_kernel");
-}

@@ -80,7 +80,11 @@ struct mla_args {
 	const int *seqs, *pos;
 	int n, ctx_cap;
 	float *qc, *scores, *partial; /* scratch */
+	const int *vp_tab; /* mla_vproj_table(H), or NULL: the projection by wkv_b's v rows as a GEMV */
 };
+/* The group tables that run the v projection through k_gemv (one group per head); device
+ * memory, cudaFree when done. */
+int *mla_vproj_table(int H);
 size_t mla_scratch_floats(int H, int lora, int rope, int n, int ctx_cap, float **qc, float **scores,
 			  float **partial, float *base);
 void k_mla_attention(cudaStream_t s, const mla_args *a, const float *q, float *out);
@@ -100,14 +104,18 @@ void k_moe_groups(cudaStream_t s, const int *topk, int n, int K, int *count, int
 /* x[t, :] += sum_k weights[t, k] * y[(t * K + k), :], k in order, t < n. */
 void k_moe_combine(cudaStream_t s, float *x, const float *y, const float *weights, int n, int K, int dim);
 
-/* Prefill helpers: bf16 copies for cuBLAS. */
+/* Prefill helpers: bf16 copies for cuBLAS; a[i] = silu(a[i]) * b[i] (prefill.cu). */
+void k_silu_mul(cudaStream_t s, float *a, const float *b, size_t n);
+/* out = expert `expert` of W as bf16 [rows, cols]; with split, then bf16(W - that) as a second
+ * [rows, cols] (prefill.cu). */
+void k_weight_bf16(cudaStream_t s, void *out, const dweight *w, int expert, int split);
+/* out[0, n) = bf16(x), out[n, 2n) = bf16(x - bf16(x)): x to 16 bits as two bf16 halves. */
+void k_split_bf16(cudaStream_t s, void *out, const float *x, size_t n);
+/* y[t, r] (+)= sum of part[t + a n, b rows + r] over a < xs, b < ws (part is [xs n, ws rows]). */
+void k_join_parts(cudaStream_t s, float *y, int ldy, const float *part, int rows, int n, int xs, int ws, int acc);
+
 void k_to_bf16(cudaStream_t s, void *out, const float *x, size_t n);
-void k_dequant_bf16(cudaStream_t s, void *out, const dweight *w, int expert);
-/* Gather rows: out[i, :] = x[idx[i], :], i < n (width dim). */
-void k_gather(cudaStream_t s, float *out, const float *x, const int *idx, int n, int dim);
-/* x[idx[i] / K, :] += w[idx[i]] * y[i, :], i < n, one row after another (scatter of an expert). */
-void k_scatter_add(cudaStream_t s, float *x, const float *y, const int *idx, const float *w, int n,
-		   int K, int dim);
+
 
 /* Every CUDA call and launch goes through this: on failure it prints what, the kernel and the
  * current layer/tensor (cuda_where) and exits with status 3. */

@@ -17,7 +17,21 @@ extern "C" {
 }
 #include "kernels.cuh"
 
-#define STAGES 8 /* decode profile: embed, attention, dense MLP, gate, experts, shared, head, copy */
+/* DSV3_CUDA_PROFILE=1: decode steps run without the graph, CUDA events between these stages,
+ * and the mean time of each per step is printed when the model is closed. */
+enum { ST_OTHER, ST_ATT_PROJ, ST_ATT_CORE, ST_ATT_WO, ST_DENSE, ST_ROUTE, ST_EXPERTS, ST_SHARED, ST_HEAD,
+       ST_COPY, N_STAGES };
+static const char *const stage_names[N_STAGES] = {
+	"embed, norms", "attn projections (wq_a/wkv_a/wq_b)", "attn core (rope, cache, MLA)", "attn wo",
+	"dense MLP", "gate + routing", "routed experts", "shared expert + combine", "head", "copies in/out",
+};
+#define MAX_MARKS 512
+/* Prompts of at least PREFILL_BLAS_MIN tokens go through cuBLAS in chunks of PREFILL_BLAS:
+ * bf16 weights (FP8 dequantised one matrix at a time) times bf16-rounded activations, fp32
+ * accumulation (the official demo's bf16 GEMM); shorter ones, and decode, through the GEMV
+ * kernels in fp32. */
+#define PREFILL_BLAS 512
+#define PREFILL_BLAS_MIN 64
 
 struct dlayer {
 	dweight wq, wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo, attn_norm, ffn_norm;
@@ -34,6 +48,12 @@ struct graph_entry {
 struct cuda_model {
 	Config cf;
 	int n_seqs, max_tokens, dim, vocab, hidden, K;
+	int in_cap;       /* tokens one pass takes: max(max_tokens, PREFILL_BLAS) */
+	int blas_min;     /* PREFILL_BLAS_MIN, or DSV3_CUDA_BLAS_MIN */
+	int bf16_act;     /* DSV3_CUDA_BF16_ACT=1: prefill activations rounded to bf16 once */
+	int debug_parts;  /* DSV3_CUDA_GEMV_PARTS: 1 linears, 2 MoE through the GEMV path in slices */
+	float *split_out; /* [2 * in_cap, widest output] of a split GEMM */
+	size_t widest_out;
 	dweight embed, norm, head;
 	dlayer *layers;
 	void **allocs;
@@ -43,15 +63,66 @@ struct cuda_model {
 	/* state */
 	float *cache; /* [layer][seq][max_seq_len][lora + rope] */
 	float *inv_freq;
+	int *vp_tab;      /* mla_vproj_table */
 	float *x, *xn, *q_a, *q, *kv, *attn, *h1, *h3, *gscore, *moe_y, *logits, *rw, *att;
-	int *topk, *g_count, *g_exp, *g_cnt, *g_tok, *g_pair;
-	int *d_in;        /* [3][max_tokens]: ids, seqs, pos */
+	int *topk, *g_count, *g_exp, *g_cnt, *g_tok, *g_pair; /* MoE groups (device), g_cap of each */
+	int g_cap, max_groups;
+	int *h_groups; /* the same laid out on the host, for a prefill chunk */
+	int *d_in;        /* [3][in_cap]: ids, seqs, pos */
 	int *h_in;        /* pinned */
+	void *xb16, *wb16;   /* prefill: bf16 activations [in_cap, widest input], one dequantised weight */
+	size_t wb16_bytes;
+	int *h_topk, *h_rows; /* prefill MoE: top-k on the host, pairs by expert */
 	float *h_logits;  /* pinned [max_tokens][vocab] */
 	graph_entry *graphs;
 	int n_graphs;
 	int sync_each;    /* DSV3_CUDA_SYNC=1: no graphs, a sync after every op */
+	int profile;      /* DSV3_CUDA_PROFILE=1 */
+	cudaEvent_t marks[MAX_MARKS];
+	int mark_stage[MAX_MARKS], n_marks, prof_steps[2], prof_n[2];
+	double prof_ms[2][N_STAGES], prof_total[2]; /* [0]: decode steps, [1]: prefill chunks */
 };
+
+static void mark(cuda_model *g, int stage)
+{
+	if (!g->profile || g->n_marks == MAX_MARKS)
+		return;
+	g->mark_stage[g->n_marks] = stage;
+	CK(cudaEventRecord(g->marks[g->n_marks++], g->stream));
+}
+
+/* After a profiled step or chunk (table 0 or 1): each mark's stage gets the time to the next. */
+static void profile_collect(cuda_model *g, int table, int n)
+{
+	if (!g->profile || g->n_marks < 2)
+		return;
+	CK(cudaEventSynchronize(g->marks[g->n_marks - 1]));
+	for (int i = 0; i + 1 < g->n_marks; i++) {
+		float ms;
+		CK(cudaEventElapsedTime(&ms, g->marks[i], g->marks[i + 1]));
+		g->prof_ms[table][g->mark_stage[i]] += ms;
+		g->prof_total[table] += ms;
+	}
+	g->n_marks = 0;
+	g->prof_steps[table]++;
+	g->prof_n[table] += n;
+}
+
+static void profile_print(const cuda_model *g)
+{
+	static const char *const what[2] = { "decode step", "prefill chunk" };
+	for (int k = 0; g->profile && k < 2; k++) {
+		int steps = g->prof_steps[k];
+		if (!steps)
+			continue;
+		fprintf(stderr, "%s profile (mean of %d, %.1f tokens each; CUDA events, no graph):\n", what[k], steps,
+			(double)g->prof_n[k] / steps);
+		for (int s = 0; s < N_STAGES; s++)
+			fprintf(stderr, "  %-36s %8.3f ms  %5.1f%%\n", stage_names[s], g->prof_ms[k][s] / steps,
+				100.0 * g->prof_ms[k][s] / g->prof_total[k]);
+		fprintf(stderr, "  %-36s %8.3f ms\n", "total", g->prof_total[k] / steps);
+	}
+}
 
 /* ---- device memory ---- */
 
@@ -167,6 +238,11 @@ static int upload_into(cuda_model *g, dweight *d, const weight_view *v, const ch
 
 static int upload(cuda_model *g, dweight *d, const weight_view *v, const char *name, dsv3_error *err)
 {
+	size_t bf16 = (size_t)v->rows * v->cols * 2;
+	if (strcmp(name, "embed") && strcmp(name, "head") && bf16 > g->wb16_bytes)
+		g->wb16_bytes = bf16;
+	if (strcmp(name, "embed") && strcmp(name, "head") && (size_t)v->rows > g->widest_out)
+		g->widest_out = (size_t)v->rows;
 	return upload_into(g, d, v, name, NULL, NULL, err);
 }
 
@@ -178,6 +254,7 @@ static int upload_experts(cuda_model *g, dweight *d, const weight_view *v, int n
 		return dsv3_fail(err, DSV3_EDATA, "%s: dtype %s: the CUDA backend takes F8_E4M3, BF16 or F32",
 				 name, dtype_name(v[0].pieces[0].dtype));
 	size_t per = (size_t)v[0].rows * v[0].cols, es = dtype_bytes(dt);
+
 	char *base = (char *)dalloc(g, per * es * n, name);
 	float *sbase = dt == DW_F8 ? (float *)dalloc(g, sizeof(float) * rb * cb * n, name) : NULL;
 	for (int e = 0; e < n; e++) {
@@ -251,9 +328,10 @@ static int upload_layer(cuda_model *g, dlayer *d, const LayerWeights *lw, int l,
 static void state_alloc(cuda_model *g)
 {
 	const dsv3_config *c = &g->cf.c;
-	size_t T = (size_t)g->max_tokens, P = T * (g->K > 0 ? g->K : 1);
+	size_t T = (size_t)g->in_cap, P = (size_t)g->max_tokens * (g->K > 0 ? g->K : 1);
 	size_t D = (size_t)c->kv_lora_rank + c->qk_rope_head_dim;
 	size_t H = (size_t)c->n_heads;
+	P = P > T ? P : T;
 	g->cache = (float *)dalloc(g, sizeof(float) * c->n_layers * g->n_seqs * (size_t)g->cf.max_seq_len * D,
 				   "the KV cache");
 	g->inv_freq = (float *)dalloc(g, sizeof(float) * c->qk_rope_head_dim / 2, "inv_freq");
@@ -267,25 +345,43 @@ static void state_alloc(cuda_model *g)
 	g->q = (float *)dalloc(g, sizeof(float) * T * H * g->cf.q_head_dim, "q");
 	g->kv = (float *)dalloc(g, sizeof(float) * T * D, "kv");
 	g->attn = (float *)dalloc(g, sizeof(float) * T * H * c->v_head_dim, "attn");
-	g->h1 = (float *)dalloc(g, sizeof(float) * P * g->hidden, "h1");
-	g->h3 = (float *)dalloc(g, sizeof(float) * P * g->hidden, "h3");
+	size_t kk = (size_t)(g->K > 0 ? g->K : 1), hrows = P * g->hidden;
+	if (T * kk * c->moe_inter_dim > hrows) /* a prefill chunk's expert pairs */
+		hrows = T * kk * c->moe_inter_dim;
+	g->h1 = (float *)dalloc(g, sizeof(float) * hrows, "h1");
+	g->h3 = (float *)dalloc(g, sizeof(float) * hrows, "h3");
 	g->gscore = (float *)dalloc(g, sizeof(float) * T * (c->n_routed_experts > 0 ? c->n_routed_experts : 1), "gate scores");
-	g->moe_y = (float *)dalloc(g, sizeof(float) * P * g->dim, "expert outputs");
+	g->moe_y = (float *)dalloc(g, sizeof(float) * T * kk * g->dim, "expert outputs");
 	g->logits = (float *)dalloc(g, sizeof(float) * T * g->vocab, "logits");
-	g->rw = (float *)dalloc(g, sizeof(float) * P, "route weights");
-	g->topk = (int *)dalloc(g, sizeof(int) * P, "topk");
-	g->g_count = (int *)dalloc(g, sizeof(int) * (4 + P * (2 + 2 * GEMV_MAX_TOKENS)), "groups");
+	size_t R = T * (g->K > 0 ? g->K : 1);
+	g->rw = (float *)dalloc(g, sizeof(float) * R, "route weights");
+	g->topk = (int *)dalloc(g, sizeof(int) * R, "topk");
+	/* groups of the decode MoE, or of a prefill chunk's: one per (expert, 16 of its tokens) */
+	g->max_groups = (int)(T * kk / GEMV_MAX_TOKENS + (size_t)(c->n_routed_experts > 0 ? c->n_routed_experts : 1));
+	size_t G = (size_t)g->max_groups > P ? (size_t)g->max_groups : P;
+	g->g_count = (int *)dalloc(g, sizeof(int) * (4 + G * (2 + 2 * GEMV_MAX_TOKENS)), "groups");
+	g->h_groups = (int *)malloc(sizeof(int) * (4 + G * (2 + 2 * GEMV_MAX_TOKENS)));
 	g->g_exp = g->g_count + 4;
-	g->g_cnt = g->g_exp + P;
-	g->g_tok = g->g_cnt + P;
-	g->g_pair = g->g_tok + P * GEMV_MAX_TOKENS;
+	g->g_cnt = g->g_exp + G;
+	g->g_tok = g->g_cnt + G;
+	g->g_pair = g->g_tok + G * GEMV_MAX_TOKENS;
+	g->g_cap = (int)G;
 	float *dummy;
-	size_t att = mla_scratch_floats((int)H, c->kv_lora_rank, c->qk_rope_head_dim, (int)T, g->cf.max_seq_len,
-					&dummy, &dummy, &dummy, NULL);
+	size_t att = mla_scratch_floats((int)H, c->kv_lora_rank, c->qk_rope_head_dim, g->max_tokens,
+					g->cf.max_seq_len, &dummy, &dummy, &dummy, NULL);
 	g->att = (float *)dalloc(g, sizeof(float) * att, "attention scratch");
 	g->d_in = (int *)dalloc(g, sizeof(int) * 3 * T, "inputs");
+	g->vp_tab = mla_vproj_table(c->n_heads);
 	CK(cudaMallocHost(&g->h_in, sizeof(int) * 3 * T));
-	CK(cudaMallocHost(&g->h_logits, sizeof(float) * T * g->vocab));
+	CK(cudaMallocHost(&g->h_logits, sizeof(float) * g->max_tokens * g->vocab));
+	size_t widest = (size_t)g->dim > H * c->v_head_dim ? (size_t)g->dim : H * c->v_head_dim;
+	widest = widest > (size_t)g->hidden ? widest : (size_t)g->hidden;
+	widest = widest > (size_t)c->q_lora_rank ? widest : (size_t)c->q_lora_rank;
+	g->xb16 = dalloc(g, 2 * 2 * T * widest, "prefill activations (bf16 halves)");
+	g->split_out = (float *)dalloc(g, sizeof(float) * 4 * T * g->widest_out, "prefill GEMM parts");
+	g->wb16 = dalloc(g, 2 * g->wb16_bytes, "prefill weight (bf16 halves)");
+	g->h_topk = (int *)malloc(sizeof(int) * T * (g->K > 0 ? g->K : 1) * 2);
+	g->h_rows = g->h_topk + T * (g->K > 0 ? g->K : 1);
 }
 
 /* ---- the forward pass ---- */
@@ -298,9 +394,57 @@ static void sync_point(cuda_model *g, int layer, const char *what)
 	CK(cudaStreamSynchronize(g->stream));
 }
 
+/* Y[n, rows] (+)= X[n, K] W^T through cuBLAS in bf16 with fp32 accumulation. X goes as two bf16
+ * halves (hi + lo: 16 bits) and so does W unless it is BF16 already (an FP8 value times its
+ * fp32 block scale needs more than bf16's 8 bits), all in one GEMM of [ws rows, xs n] whose parts
+ * are then summed: fp32-grade results, like the CPU's. With DSV3_CUDA_BF16_ACT=1, X and W are
+ * rounded to bf16 once instead (the official demo's bf16 GEMM: faster, ~1e-2 off). */
+static void linear_blas(cuda_model *g, const dweight *w, int expert, const float *x, int ldx, float *y, int ldy,
+			int n, int acc, int layer, const char *what)
+{
+	cuda_where(layer, what);
+	if (ldx != w->cols)
+		cuda_check(cudaErrorInvalidValue, "linear_blas: rows of x are not packed");
+	if (g->bf16_act)
+		k_to_bf16(g->stream, g->xb16, x, (size_t)n * w->cols);
+	else
+		k_split_bf16(g->stream, g->xb16, x, (size_t)n * w->cols);
+	const void *wb = w->data;
+	int ws = 1, xs = g->bf16_act ? 1 : 2;
+	if (w->dtype == DW_BF16) {
+		wb = (const char *)w->data + (size_t)expert * w->estride * 2;
+	} else {
+		ws = g->bf16_act ? 1 : 2;
+		k_weight_bf16(g->stream, g->wb16, w, expert, ws == 2);
+		wb = g->wb16;
+	}
+	const float one = 1.0f, beta = acc && xs * ws == 1 ? 1.0f : 0.0f;
+	float *out = xs * ws == 1 ? y : g->split_out;
+	cublasStatus_t st = cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, ws * w->rows, xs * n, w->cols, &one, wb,
+					 CUDA_R_16BF, w->cols, g->xb16, CUDA_R_16BF, w->cols, &beta, out, CUDA_R_32F,
+					 xs * ws == 1 ? ldy : ws * w->rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+	if (st != CUBLAS_STATUS_SUCCESS) {
+		fprintf(stderr, "dsv3: cuBLAS error %d in cublasGemmEx (layer %d, %s)\n", (int)st, layer, what);
+		exit(3);
+	}
+	if (xs * ws > 1)
+		k_join_parts(g->stream, y, ldy, g->split_out, w->rows, n, xs, ws, acc);
+	sync_point(g, layer, what);
+}
+
 static void linear(cuda_model *g, const dweight *w, const float *x, int ldx, float *y, int ldy, int n, int acc,
 		   int layer, const char *what)
 {
+	if (n > GEMV_MAX_TOKENS && (g->debug_parts & 1)) {
+		for (int i = 0; i < n; i += GEMV_MAX_TOKENS)
+			linear(g, w, x + (size_t)i * ldx, ldx, y + (size_t)i * ldy, ldy,
+			       n - i < GEMV_MAX_TOKENS ? n - i : GEMV_MAX_TOKENS, acc, layer, what);
+		return;
+	}
+	if (n > GEMV_MAX_TOKENS) {
+		linear_blas(g, w, 0, x, ldx, y, ldy, n, acc, layer, what);
+		return;
+	}
 	cuda_where(layer, what);
 	gemv_call c = {};
 	c.w = w;
@@ -318,6 +462,16 @@ static void linear(cuda_model *g, const dweight *w, const float *x, int ldx, flo
 static void linear_pair(cuda_model *g, const dweight *w1, const dweight *w3, const float *x, int ldx, float *y1,
 			float *y3, int ldy, int ldy3, int n, int layer, const char *what)
 {
+	if (n > GEMV_MAX_TOKENS) {
+		if (g->debug_parts & 1) {
+			linear(g, w1, x, ldx, y1, ldy, n, 0, layer, what);
+			linear(g, w3, x, ldx, y3, ldy3, n, 0, layer, what);
+			return;
+		}
+		linear_blas(g, w1, 0, x, ldx, y1, ldy, n, 0, layer, what);
+		linear_blas(g, w3, 0, x, ldx, y3, ldy3, n, 0, layer, what);
+		return;
+	}
 	cuda_where(layer, what);
 	gemv_call c = {};
 	c.w = w1;
@@ -338,24 +492,87 @@ static void mlp(cuda_model *g, const dlayer *d, int n, int layer)
 {
 	int inter = d->w1.rows;
 	linear_pair(g, &d->w1, &d->w3, g->xn, g->dim, g->h1, g->h3, inter, inter, n, layer, "mlp.w1/w3");
-	cuda_where(layer, "mlp.w2");
-	gemv_call c = {};
-	c.w = &d->w2;
-	c.x = g->h1;
-	c.silu_b = g->h3;
-	c.ldx = inter;
-	c.y = g->x;
-	c.ldy = g->dim;
-	c.n = n;
-	c.accumulate = 1;
-	k_gemv(g->stream, &c);
-	sync_point(g, layer, "mlp.w2");
+	k_silu_mul(g->stream, g->h1, g->h3, (size_t)n * inter); /* once, not per row block of w2 */
+	linear(g, &d->w2, g->h1, inter, g->x, g->dim, n, 1, layer, "mlp.w2");
+}
+
+/* MoE over a prefill chunk: routing on the device, the top-k to the host (one sync), then the
+ * experts through the grouped GEMV in one launch per matrix: each expert's tokens in groups of
+ * up to 16, each group reading its expert's FP8 or BF16 weights as stored (fp32 results, the
+ * same numbers as decode's). */
+static void moe_chunk(cuda_model *g, const dlayer *d, int n, int layer)
+{
+	const dsv3_config *c = &g->cf.c;
+	int E = c->n_routed_experts, K = c->n_activated_experts, inter = d->ew1.rows, T = GEMV_MAX_TOKENS;
+	linear(g, &d->gate, g->xn, g->dim, g->gscore, E, n, 0, layer, "ffn.gate");
+	route_args ra = { E, K, c->n_expert_groups > 0 ? c->n_expert_groups : 1, c->n_limited_groups,
+			  c->score_sigmoid, (float)c->route_scale, d->has_bias ? &d->gate_bias : NULL };
+	cuda_where(layer, "ffn.gate (routing)");
+	k_route(g->stream, &ra, g->gscore, n, g->topk, g->rw);
+	CK(cudaMemcpyAsync(g->h_topk, g->topk, sizeof(int) * n * K, cudaMemcpyDeviceToHost, g->stream));
+	CK(cudaStreamSynchronize(g->stream));
+	/* pairs p = t * K + k by expert (counting sort), then groups of up to T of them */
+	int *start = (int *)calloc((size_t)E + 1, sizeof(int)), *fill = (int *)malloc(sizeof(int) * E);
+	for (int p = 0; p < n * K; p++)
+		start[g->h_topk[p] + 1]++;
+	for (int e = 0; e < E; e++)
+		start[e + 1] += start[e];
+	memcpy(fill, start, sizeof(int) * E);
+	for (int p = 0; p < n * K; p++)
+		g->h_rows[fill[g->h_topk[p]]++] = p;
+	int Gc = g->g_cap, G = 0;
+	int *hc = g->h_groups, *hexp = hc + 4, *hcnt = hexp + Gc, *htok = hcnt + Gc, *hpair = htok + Gc * T;
+	for (int e = 0; e < E; e++)
+		for (int i = start[e]; i < start[e + 1]; i += T, G++) {
+			int m = start[e + 1] - i < T ? start[e + 1] - i : T;
+			hexp[G] = e, hcnt[G] = m;
+			for (int j = 0; j < m; j++) {
+				htok[G * T + j] = g->h_rows[i + j] / K;
+				hpair[G * T + j] = g->h_rows[i + j];
+			}
+		}
+	hc[0] = G;
+	free(start);
+	free(fill);
+	CK(cudaMemcpyAsync(g->g_count, hc, sizeof(int) * (4 + (size_t)Gc * (2 + 2 * T)), cudaMemcpyHostToDevice,
+			   g->stream));
+	gemv_groups in_tok = { g->g_count, g->g_exp, g->g_cnt, g->g_tok, g->g_pair, G };
+	gemv_groups in_pair = { g->g_count, g->g_exp, g->g_cnt, g->g_pair, g->g_pair, G };
+	cuda_where(layer, "ffn.experts.w1/w3");
+	gemv_call c13 = {};
+	c13.w = &d->ew1, c13.w2 = &d->ew3, c13.x = g->xn, c13.ldx = g->dim;
+	c13.y = g->h1, c13.y2 = g->h3, c13.ldy = inter, c13.n = T, c13.groups = &in_tok;
+	k_gemv(g->stream, &c13);
+	k_silu_mul(g->stream, g->h1, g->h3, (size_t)n * K * inter);
+	cuda_where(layer, "ffn.experts.w2");
+	gemv_call c2 = {};
+	c2.w = &d->ew2, c2.x = g->h1, c2.ldx = inter, c2.y = g->moe_y, c2.ldy = g->dim, c2.n = T, c2.groups = &in_pair;
+	k_gemv(g->stream, &c2);
+	if (c->n_shared_experts > 0)
+		mlp(g, d, n, layer);
+	cuda_where(layer, "ffn (combine)");
+	k_moe_combine(g->stream, g->x, g->moe_y, g->rw, n, K, g->dim);
+	sync_point(g, layer, "ffn (experts)");
 }
 
 static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 {
+	if (n > g->max_tokens && (g->debug_parts & 2)) {
+		float *x = g->x, *xn = g->xn;
+		for (int i = 0; i < n; i += g->max_tokens) {
+			g->x = x + (size_t)i * g->dim, g->xn = xn + (size_t)i * g->dim;
+			moe(g, d, n - i < g->max_tokens ? n - i : g->max_tokens, layer);
+		}
+		g->x = x, g->xn = xn;
+		return;
+	}
+	if (n > g->max_tokens) {
+		moe_chunk(g, d, n, layer);
+		return;
+	}
 	const dsv3_config *c = &g->cf.c;
 	int E = c->n_routed_experts, K = c->n_activated_experts, inter = d->ew1.rows;
+	mark(g, ST_ROUTE);
 	linear(g, &d->gate, g->xn, g->dim, g->gscore, E, n, 0, layer, "ffn.gate");
 	route_args ra = { E, K, c->n_expert_groups > 0 ? c->n_expert_groups : 1, c->n_limited_groups,
 			  c->score_sigmoid, (float)c->route_scale, d->has_bias ? &d->gate_bias : NULL };
@@ -367,6 +584,7 @@ static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 	int max_groups = n * K < E ? n * K : E;
 	gemv_groups in_tok = { g->g_count, g->g_exp, g->g_cnt, g->g_tok, g->g_pair, max_groups };
 	gemv_groups in_pair = { g->g_count, g->g_exp, g->g_cnt, g->g_pair, g->g_pair, max_groups };
+	mark(g, ST_EXPERTS);
 	cuda_where(layer, "ffn.experts.w1/w3");
 	gemv_call c13 = {};
 	c13.w = &d->ew1;
@@ -381,10 +599,10 @@ static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 	k_gemv(g->stream, &c13);
 	sync_point(g, layer, "ffn.experts.w1/w3");
 	cuda_where(layer, "ffn.experts.w2");
+	k_silu_mul(g->stream, g->h1, g->h3, (size_t)n * K * inter);
 	gemv_call c2 = {};
 	c2.w = &d->ew2;
 	c2.x = g->h1;
-	c2.silu_b = g->h3;
 	c2.ldx = inter;
 	c2.y = g->moe_y;
 	c2.ldy = g->dim;
@@ -392,6 +610,7 @@ static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 	c2.groups = &in_pair;
 	k_gemv(g->stream, &c2);
 	sync_point(g, layer, "ffn.experts.w2");
+	mark(g, ST_SHARED);
 	if (c->n_shared_experts > 0)
 		mlp(g, d, n, layer);
 	cuda_where(layer, "ffn (combine)");
@@ -404,7 +623,8 @@ static void attention(cuda_model *g, const dlayer *d, int n, int cap, int layer)
 	const Config *cf = &g->cf;
 	const dsv3_config *c = &cf->c;
 	int H = c->n_heads, lora = c->kv_lora_rank, rope = c->qk_rope_head_dim, D = lora + rope;
-	const int *seqs = g->d_in + g->max_tokens, *pos = g->d_in + 2 * g->max_tokens;
+	const int *seqs = g->d_in + g->in_cap, *pos = g->d_in + 2 * g->in_cap;
+	mark(g, ST_ATT_PROJ);
 	if (c->q_lora_rank > 0) {
 		linear_pair(g, &d->wq_a, &d->wkv_a, g->xn, g->dim, g->q_a, g->kv, c->q_lora_rank, D, n, layer,
 			    "attn.wq_a/wkv_a");
@@ -415,20 +635,26 @@ static void attention(cuda_model *g, const dlayer *d, int n, int cap, int layer)
 		linear_pair(g, &d->wq, &d->wkv_a, g->xn, g->dim, g->q, g->kv, H * cf->q_head_dim, D, n, layer,
 			    "attn.wq/wkv_a");
 	}
+	mark(g, ST_ATT_CORE);
 	mla_cache cache = { g->cache + (size_t)layer * g->n_seqs * cf->max_seq_len * D, cf->max_seq_len };
 	cuda_where(layer, "attn.kv_norm (rope, cache)");
 	k_rope_kv(g->stream, g->q, g->kv, &d->kv_norm, cache, seqs, pos, n, H, c->qk_nope_head_dim, rope, lora,
 		  g->inv_freq, cf->eps);
-	mla_args a = {};
-	a.H = H, a.nope = c->qk_nope_head_dim, a.rope = rope, a.v = c->v_head_dim, a.lora = lora;
-	a.softmax_scale = cf->softmax_scale;
-	a.wkv_b = d->wkv_b;
-	a.cache = cache;
-	a.seqs = seqs, a.pos = pos, a.n = n, a.ctx_cap = cap;
-	mla_scratch_floats(H, lora, rope, n, cap, &a.qc, &a.scores, &a.partial, g->att);
 	cuda_where(layer, "attn (MLA over the cache, wkv_b)");
-	k_mla_attention(g->stream, &a, g->q, g->attn);
+	for (int i = 0; i < n; i += g->max_tokens) { /* the scratch holds max_tokens queries */
+		mla_args a = {};
+		a.H = H, a.nope = c->qk_nope_head_dim, a.rope = rope, a.v = c->v_head_dim, a.lora = lora;
+		a.softmax_scale = cf->softmax_scale;
+		a.wkv_b = d->wkv_b;
+		a.vp_tab = g->vp_tab;
+		a.cache = cache;
+		a.seqs = seqs + i, a.pos = pos + i, a.n = n - i < g->max_tokens ? n - i : g->max_tokens;
+		a.ctx_cap = cap;
+		mla_scratch_floats(H, lora, rope, a.n, cap, &a.qc, &a.scores, &a.partial, g->att);
+		k_mla_attention(g->stream, &a, g->q + (size_t)i * H * cf->q_head_dim, g->attn + (size_t)i * H * c->v_head_dim);
+	}
 	sync_point(g, layer, "attn");
+	mark(g, ST_ATT_WO);
 	linear(g, &d->wo, g->attn, H * c->v_head_dim, g->x, g->dim, n, 1, layer, "attn.wo");
 }
 
@@ -442,11 +668,14 @@ static void run_tokens(cuda_model *g, int n, int cap, int head_from)
 	k_embed(g->stream, g->x, &g->embed, g->d_in, n);
 	for (int l = 0; l < c->n_layers; l++) {
 		const dlayer *d = &g->layers[l];
+		mark(g, ST_OTHER);
 		cuda_where(l, "attn_norm");
 		k_rmsnorm(g->stream, g->xn, g->x, g->dim, &d->attn_norm, g->dim, n, cf->eps);
 		attention(g, d, n, cap, l);
+		mark(g, ST_OTHER);
 		cuda_where(l, "ffn_norm");
 		k_rmsnorm(g->stream, g->xn, g->x, g->dim, &d->ffn_norm, g->dim, n, cf->eps);
+		mark(g, ST_DENSE);
 		if (l < c->n_dense_layers)
 			mlp(g, d, n, l);
 		else
@@ -454,6 +683,7 @@ static void run_tokens(cuda_model *g, int n, int cap, int head_from)
 	}
 	if (head_from >= n)
 		return;
+	mark(g, ST_HEAD);
 	cuda_where(-1, "norm");
 	int nh = n - head_from;
 	k_rmsnorm(g->stream, g->xn, g->x + (size_t)head_from * g->dim, g->dim, &g->norm, g->dim, nh, cf->eps);
@@ -471,11 +701,14 @@ static int ctx_bucket(const cuda_model *g, int need)
 /* One replayable step: inputs in, the pass, logits out. */
 static void step_body(cuda_model *g, int n, int cap)
 {
-	int T = g->max_tokens;
+	int T = g->in_cap;
+	mark(g, ST_COPY);
 	for (int k = 0; k < 3; k++)
 		CK(cudaMemcpyAsync(g->d_in + k * T, g->h_in + k * T, sizeof(int) * n, cudaMemcpyHostToDevice, g->stream));
 	run_tokens(g, n, cap, 0);
+	mark(g, ST_COPY);
 	CK(cudaMemcpyAsync(g->h_logits, g->logits, sizeof(float) * n * g->vocab, cudaMemcpyDeviceToHost, g->stream));
+	mark(g, ST_COPY);
 }
 
 static cudaGraphExec_t step_graph(cuda_model *g, int n, int cap)
@@ -499,7 +732,7 @@ static cudaGraphExec_t step_graph(cuda_model *g, int n, int cap)
 
 static void set_inputs(cuda_model *g, int n, const int *ids, const int *seqs, const int *pos)
 {
-	int T = g->max_tokens;
+	int T = g->in_cap;
 	memcpy(g->h_in, ids, sizeof(int) * n);
 	memcpy(g->h_in + T, seqs, sizeof(int) * n);
 	memcpy(g->h_in + 2 * T, pos, sizeof(int) * n);
@@ -512,7 +745,7 @@ static void decode_step(cuda_model *g, int n, const int *seqs, const int *tokens
 		need = pos[i] + 1 > need ? pos[i] + 1 : need;
 	int cap = ctx_bucket(g, need);
 	set_inputs(g, n, tokens, seqs, pos);
-	if (g->sync_each) {
+	if (g->sync_each || g->profile) {
 		step_body(g, n, cap);
 	} else {
 		cudaGraphExec_t exec = step_graph(g, n, cap);
@@ -521,6 +754,7 @@ static void decode_step(cuda_model *g, int n, const int *seqs, const int *tokens
 	}
 	cuda_where(-1, "decode step");
 	CK(cudaStreamSynchronize(g->stream));
+	profile_collect(g, 0, n);
 	memcpy(logits, g->h_logits, sizeof(float) * n * g->vocab);
 }
 
@@ -535,24 +769,29 @@ extern "C" void cuda_forward_batch(cuda_model *g, int n, const int *seqs, const 
 
 extern "C" void cuda_forward_prompt(cuda_model *g, int seq, const int *tokens, int n, int pos, float *logits)
 {
-	int seqs[GEMV_MAX_TOKENS], ps[GEMV_MAX_TOKENS];
+	int *seqs = g->h_topk, *ps = g->h_rows; /* host scratch of in_cap entries each */
 	for (int done = 0; done < n;) {
-		int m = n - done < g->max_tokens ? n - done : g->max_tokens;
+		int left = n - done;
+		int m = left >= g->blas_min ? (left < g->in_cap ? left : g->in_cap)
+						 : (left < g->max_tokens ? left : g->max_tokens);
 		for (int i = 0; i < m; i++)
 			seqs[i] = seq, ps[i] = pos + done + i;
 		set_inputs(g, m, tokens + done, seqs, ps);
-		int T = g->max_tokens;
+		int T = g->in_cap;
 		for (int k = 0; k < 3; k++)
 			CK(cudaMemcpyAsync(g->d_in + k * T, g->h_in + k * T, sizeof(int) * m, cudaMemcpyHostToDevice,
 					   g->stream));
 		done += m;
 		int last = done == n && logits;
 		run_tokens(g, m, ctx_bucket(g, pos + done), last ? m - 1 : m);
+		mark(g, ST_COPY);
 		if (last)
 			CK(cudaMemcpyAsync(g->h_logits, g->logits, sizeof(float) * g->vocab, cudaMemcpyDeviceToHost,
 					   g->stream));
+		mark(g, ST_COPY);
 		cuda_where(-1, "prefill");
 		CK(cudaStreamSynchronize(g->stream)); /* h_in is reused by the next chunk */
+		profile_collect(g, 1, m);
 	}
 	if (logits)
 		memcpy(logits, g->h_logits, sizeof(float) * g->vocab);
@@ -578,12 +817,20 @@ extern "C" void cuda_model_close(cuda_model *g)
 {
 	if (!g)
 		return;
+	profile_print(g);
+	if (g->profile)
+		for (int i = 0; i < MAX_MARKS; i++)
+			cudaEventDestroy(g->marks[i]);
 	for (int i = 0; i < g->n_graphs; i++)
 		cudaGraphExecDestroy(g->graphs[i].exec);
 	free(g->graphs);
 	for (int i = 0; i < g->n_allocs; i++)
 		cudaFree(g->allocs[i]);
 	free(g->allocs);
+	free(g->h_topk);
+	free(g->h_groups);
+	if (g->vp_tab)
+		cudaFree(g->vp_tab);
 	if (g->h_in)
 		cudaFreeHost(g->h_in);
 	if (g->h_logits)
@@ -614,8 +861,18 @@ extern "C" int cuda_model_open(cuda_model **out, const Config *cf, const Weights
 	g->max_tokens = GEMV_MAX_TOKENS;
 	while (g->K > 0 && g->max_tokens * g->K > 256)
 		g->max_tokens /= 2;
+	g->in_cap = PREFILL_BLAS > g->max_tokens ? PREFILL_BLAS : g->max_tokens;
 	const char *sync = getenv("DSV3_CUDA_SYNC");
 	g->sync_each = sync && *sync == '1';
+	const char *bm = getenv("DSV3_CUDA_BLAS_MIN"); /* experiments: where prompts go to cuBLAS */
+	g->blas_min = bm ? atoi(bm) : PREFILL_BLAS_MIN;
+	g->blas_min = g->blas_min > GEMV_MAX_TOKENS ? g->blas_min : GEMV_MAX_TOKENS + 1;
+	const char *dp = getenv("DSV3_CUDA_GEMV_PARTS");
+	g->debug_parts = dp ? atoi(dp) : 0;
+	const char *ba = getenv("DSV3_CUDA_BF16_ACT");
+	g->bf16_act = ba && *ba == '1';
+	const char *prof = getenv("DSV3_CUDA_PROFILE");
+	g->profile = prof && *prof == '1';
 	cuda_where(-1, "setup");
 	CK(cudaSetDevice(0));
 	CK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
@@ -624,6 +881,8 @@ extern "C" int cuda_model_open(cuda_model **out, const Config *cf, const Weights
 		return dsv3_fail(err, DSV3_EIO, "cuBLAS: cublasCreate failed");
 	}
 	cublasSetStream(g->blas, g->stream);
+	for (int i = 0; g->profile && i < MAX_MARKS; i++)
+		CK(cudaEventCreate(&g->marks[i]));
 	g->layers = (dlayer *)calloc(c->n_layers, sizeof(dlayer));
 	int rc = upload(g, &g->embed, &w->embed, "embed", err);
 	if (!rc)
