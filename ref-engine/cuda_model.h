@@ -22,9 +22,11 @@ void cuda_model_close(struct cuda_model *g);
  * the next-token logits after the last one there ([vocab], host memory). */
 void cuda_forward_prompt(struct cuda_model *g, int seq, const int *tokens, int n, int pos,
 			 float *logits);
-/* One decode step of n distinct sequences; logits [n, vocab] in host memory. */
-void cuda_forward_batch(struct cuda_model *g, int n, const int *seqs, const int *tokens,
-			const int *pos, float *logits);
+/* One decode step of n distinct sequences; returns their logits [n, vocab] in host memory,
+ * valid until the next call: the backend's own pinned buffer when n fits one step, else
+ * `logits` (room for [n, vocab]), filled step by step. */
+float *cuda_forward_batch(struct cuda_model *g, int n, const int *seqs, const int *tokens,
+			  const int *pos, float *logits);
 
 #ifdef __cplusplus
 }

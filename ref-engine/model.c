@@ -439,10 +439,8 @@ void forward_no_logits(Model *m, int seq, int token, int pos)
 float *forward(Model *m, int seq, int token, int pos)
 {
 	RunState *s = &m->state;
-	if (m->gpu) {
-		cuda_forward_batch(m->gpu, 1, &seq, &token, &pos, s->logits);
-		return s->logits;
-	}
+	if (m->gpu)
+		return cuda_forward_batch(m->gpu, 1, &seq, &token, &pos, s->logits);
 	forward_blocks(m, seq, token, pos);
 	op_rmsnorm(s->x, s->x, &m->weights.norm, m->config.c.dim, m->config.eps);
 	op_matvec(m->pool, s->logits, &m->weights.head, s->x);
@@ -595,10 +593,8 @@ float *forward_prompt(Model *m, int seq, const int *tokens, int n, int pos)
 float *forward_batch(Model *m, int n, const int *seqs, const int *tokens, const int *pos)
 {
 	size_t vocab = (size_t)m->config.c.vocab_size;
-	if (m->gpu) {
-		cuda_forward_batch(m->gpu, n, seqs, tokens, pos, m->batch_logits);
-		return m->batch_logits;
-	}
+	if (m->gpu)
+		return cuda_forward_batch(m->gpu, n, seqs, tokens, pos, m->batch_logits);
 	for (int i = 0; i < n; i++)
 		memcpy(m->batch_logits + i * vocab, forward(m, seqs[i], tokens[i], pos[i]),
 		       sizeof(float) * vocab);

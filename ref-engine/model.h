@@ -104,7 +104,8 @@ int model_device_parse(const char *name, model_device *out, dsv3_error *err);
 const char *model_device_name(model_device d);
 
 /* Feeds `token` at position `pos` of sequence `seq` (positions 0..pos-1 must have been fed);
- * returns state.logits [vocab] for the next token. */
+ * returns the logits [vocab] for the next token (state.logits on the CPU, the CUDA backend's
+ * host buffer on the GPU), valid until the next call. */
 float *forward(Model *m, int seq, int token, int pos);
 /* The same without the head: for prompt tokens whose next-token logits nobody reads. */
 void forward_no_logits(Model *m, int seq, int token, int pos);
@@ -113,8 +114,9 @@ void forward_no_logits(Model *m, int seq, int token, int pos);
  * equals forward()'s token by token, bit for bit. */
 float *forward_prompt(Model *m, int seq, const int *tokens, int n, int pos);
 /* One decode step of n sequences together: token tokens[i] at position pos[i] of sequence
- * seqs[i] (distinct sequences, n <= n_seqs). Returns batch_logits, [n, vocab] in the order
- * given; on the CPU each row equals forward()'s, on CUDA the step is one graph replay. */
+ * seqs[i] (distinct sequences, n <= n_seqs). Returns [n, vocab] logits in the order given,
+ * valid until the next call; on the CPU each row equals forward()'s, on CUDA the step is one
+ * graph replay. */
 float *forward_batch(Model *m, int n, const int *seqs, const int *tokens, const int *pos);
 
 /* The derived numbers of DESIGN §4 (exposed for tests). */

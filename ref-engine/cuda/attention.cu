@@ -16,7 +16,7 @@
 #define ATT_VT 8       /* queries per block in vproj */
 #define ATT_TT 32      /* cache rows per block in scores: one per lane */
 #define ATT_SH 8       /* heads per block in scores: one per warp */
-#define ATT_HG 8       /* heads per block in pv */
+#define ATT_HG 4       /* heads per block in pv */
 #define ATT_SPLITS 16  /* slices of the context in pv */
 #define ATT_CB 512     /* columns of wkv_b a warp covers in one pass: 32 lanes x 16 */
 
@@ -26,7 +26,7 @@ static int att_split(int ctx_cap)
 {
 	int ss = (ctx_cap + ATT_SPLITS - 1) / ATT_SPLITS;
 	ss = (ss + 31) / 32 * 32;
-	return ss < 64 ? 64 : ss;
+	return ss < 32 ? 32 : ss;
 }
 
 size_t mla_scratch_floats(int H, int lora, int rope, int n, int ctx_cap, float **qc, float **scores,
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(256) absorb_kernel(mla_args a, const float *q)
 	for (int cb = 0; cb < a.lora; cb += ATT_CB) {
 		const int c = cb + lane * 16;
 		float acc[ATT_QT][16] = {};
-#pragma unroll 2
+#pragma unroll 4
 		for (int j = warp; j < a.nope; j += 8) {
 			float wv[16];
 			dv_w16(wv, a.wkv_b, (long long)h * (a.nope + a.v) + j, c);
@@ -97,96 +97,89 @@ __global__ void __launch_bounds__(256) absorb_kernel(mla_args a, const float *q)
 }
 
 /* Block (32 cache rows, query t, ATT_SH heads): the rows and the heads' qc in shared memory,
- * one cache row per lane, four partial sums to keep the FMAs independent. */
+ * one cache row per lane, four partial sums to keep the FMAs independent. With one_seq (a
+ * prefill chunk: every query of one sequence) the block takes all the queries in turn, so the
+ * rows are read once for all of them. */
 __global__ void __launch_bounds__(256) scores_kernel(mla_args a)
 {
 	extern __shared__ float sm[];
-	const int t = blockIdx.y, p0 = blockIdx.x * ATT_TT, hg = blockIdx.z * ATT_SH, D = a.lora + a.rope;
-	const int last = a.pos[t];
+	const int p0 = blockIdx.x * ATT_TT, hg = blockIdx.z * ATT_SH, D = a.lora + a.rope;
+	const int t0 = a.one_seq ? 0 : blockIdx.y, t1 = a.one_seq ? a.n : blockIdx.y + 1;
+	int last = -1;
+	for (int t = t0; t < t1; t++)
+		last = max(last, a.pos[t]);
 	if (p0 > last)
 		return;
 	/* rows D + 4 apart when D % 4 == 0 (16-byte reads, each quarter warp on 32 banks), else D + 1 */
 	const int pitch = D % 4 ? D + 1 : D + 4;
 	float *tile = sm, *qs = sm + ATT_TT * pitch; /* [ATT_TT][pitch], [ATT_SH][D] */
-	const float *rows = a.cache.base + ((long long)a.seqs[t] * a.cache.seq_stride + p0) * D;
-	const int np = min(ATT_TT, last + 1 - p0), nh = min(ATT_SH, a.H - hg);
+	const float *rows = a.cache.base + ((long long)a.seqs[t0] * a.cache.seq_stride + p0) * D;
+	const int np = min(ATT_TT, last + 1 - p0), nh = min(ATT_SH, a.H - hg), D4 = D / 4;
 	if (D % 4 == 0) { /* 16-byte loads, several in flight */
-		const int D4 = D / 4;
 #pragma unroll 4
 		for (int i = threadIdx.x; i < np * D4; i += blockDim.x) {
 			float4 v = __ldg((const float4 *)rows + i);
 			*(float4 *)(tile + (i / D4) * pitch + (i % D4) * 4) = v;
 		}
-		const float4 *qsrc = (const float4 *)(a.qc + ((long long)t * a.H + hg) * D);
-#pragma unroll 4
-		for (int i = threadIdx.x; i < nh * D4; i += blockDim.x)
-			((float4 *)qs)[i] = qsrc[i];
 	} else {
 		for (int i = threadIdx.x; i < np * D; i += blockDim.x)
 			tile[(i / D) * pitch + i % D] = rows[i];
-		for (int i = threadIdx.x; i < nh * D; i += blockDim.x)
-			qs[i] = a.qc[((long long)t * a.H + hg) * D + i];
 	}
-	__syncthreads();
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	if (lane >= np)
-		return;
-	const float *tr = tile + lane * pitch;
-	for (int hh = warp; hh < nh; hh += blockDim.x >> 5) {
-		const float *qv = qs + hh * D;
-		float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-		int d = 0;
+	for (int t = t0; t < t1; t++) {
+		if (p0 > a.pos[t]) /* the same for the whole block */
+			continue;
+		__syncthreads(); /* the tile is in; the last query's qs is read */
 		if (D % 4 == 0) {
+			const float4 *qsrc = (const float4 *)(a.qc + ((long long)t * a.H + hg) * D);
 #pragma unroll 4
-			for (; d < D; d += 4) {
-				float4 x = *(const float4 *)(qv + d), y = *(const float4 *)(tr + d);
-				s0 = fmaf(x.x, y.x, s0);
-				s1 = fmaf(x.y, y.y, s1);
-				s2 = fmaf(x.z, y.z, s2);
-				s3 = fmaf(x.w, y.w, s3);
-			}
+			for (int i = threadIdx.x; i < nh * D4; i += blockDim.x)
+				((float4 *)qs)[i] = qsrc[i];
+		} else {
+			for (int i = threadIdx.x; i < nh * D; i += blockDim.x)
+				qs[i] = a.qc[((long long)t * a.H + hg) * D + i];
 		}
-		for (; d < D; d++)
-			s0 = fmaf(qv[d], tr[d], s0);
-		a.scores[((long long)t * a.H + hg + hh) * a.ctx_cap + p0 + lane] = ((s0 + s1) + (s2 + s3)) * a.softmax_scale;
+		__syncthreads();
+		if (lane >= min(ATT_TT, a.pos[t] + 1 - p0))
+			continue;
+		const float *tr = tile + lane * pitch;
+		for (int hh = warp; hh < nh; hh += blockDim.x >> 5) {
+			const float *qv = qs + hh * D;
+			float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+			int d = 0;
+			if (D % 4 == 0) {
+#pragma unroll 4
+				for (; d < D; d += 4) {
+					float4 x = *(const float4 *)(qv + d), y = *(const float4 *)(tr + d);
+					s0 = fmaf(x.x, y.x, s0);
+					s1 = fmaf(x.y, y.y, s1);
+					s2 = fmaf(x.z, y.z, s2);
+					s3 = fmaf(x.w, y.w, s3);
+				}
+			}
+			for (; d < D; d++)
+				s0 = fmaf(qv[d], tr[d], s0);
+			a.scores[((long long)t * a.H + hg + hh) * a.ctx_cap + p0 + lane] =
+				((s0 + s1) + (s2 + s3)) * a.softmax_scale;
+		}
 	}
-}
-
-/* Reduction over a block of 256 threads with op (sum or max); every thread gets the result. */
-template <bool MAX>
-__device__ float block_reduce(float v, float *part)
-{
-	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	for (int o = 16; o; o >>= 1) {
-		float u = __shfl_xor_sync(0xffffffffu, v, o);
-		v = MAX ? fmaxf(v, u) : v + u;
-	}
-	if (!lane)
-		part[warp] = v;
-	__syncthreads();
-	v = part[0];
-	for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-		v = MAX ? fmaxf(v, part[w]) : v + part[w];
-	__syncthreads();
-	return v;
 }
 
 __global__ void __launch_bounds__(256) softmax_kernel(mla_args a)
 {
-	__shared__ float part[8];
 	const int h = blockIdx.x, t = blockIdx.y, n = a.pos[t] + 1;
 	float *s = a.scores + ((long long)t * a.H + h) * a.ctx_cap;
 	float m = -INFINITY;
 	for (int i = threadIdx.x; i < n; i += blockDim.x)
 		m = fmaxf(m, s[i]);
-	m = block_reduce<true>(m, part);
+	m = dv_block_reduce<true>(m);
 	float sum = 0.0f;
 	for (int i = threadIdx.x; i < n; i += blockDim.x) {
 		float e = expf(s[i] - m);
 		s[i] = e;
 		sum += e;
 	}
-	sum = block_reduce<false>(sum, part);
+	sum = dv_block_reduce<false>(sum);
 	for (int i = threadIdx.x; i < n; i += blockDim.x)
 		s[i] /= sum;
 }
@@ -326,8 +319,8 @@ void k_mla_attention(cudaStream_t s, const mla_args *a, const float *q, float *o
 		cuda_check(cudaErrorInvalidValue, "mla attention: kv_lora_rank + rope too large for shared memory");
 	absorb_kernel<<<dim3(a->H, (a->n + ATT_QT - 1) / ATT_QT), 256, absorb_sm, s>>>(*a, q);
 	LAUNCHED("absorb_kernel");
-	scores_kernel<<<dim3((a->ctx_cap + ATT_TT - 1) / ATT_TT, a->n, (a->H + ATT_SH - 1) / ATT_SH), 256, scores_sm,
-			s>>>(*a);
+	scores_kernel<<<dim3((a->ctx_cap + ATT_TT - 1) / ATT_TT, a->one_seq ? 1 : a->n, (a->H + ATT_SH - 1) / ATT_SH),
+			256, scores_sm, s>>>(*a);
 	LAUNCHED("scores_kernel");
 	softmax_kernel<<<dim3(a->H, a->n), 256, 0, s>>>(*a);
 	LAUNCHED("softmax_kernel");

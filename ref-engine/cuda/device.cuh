@@ -60,4 +60,28 @@ __device__ __forceinline__ float dv_warp_sum(float v)
 	return v;
 }
 
+__device__ __forceinline__ float dv_warp_max(float v)
+{
+	for (int o = 16; o; o >>= 1)
+		v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+	return v;
+}
+
+/* Sum (or max) over the block, blockDim.x a multiple of 32 up to 1024; every thread gets it. */
+template <bool MAX>
+__device__ float dv_block_reduce(float v)
+{
+	__shared__ float part[32];
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+	v = MAX ? dv_warp_max(v) : dv_warp_sum(v);
+	if (!lane)
+		part[warp] = v;
+	__syncthreads();
+	v = part[0];
+	for (int w = 1; w < nw; w++)
+		v = MAX ? fmaxf(v, part[w]) : v + part[w];
+	__syncthreads(); /* part is free again for the next reduction */
+	return v;
+}
+
 #endif

@@ -81,6 +81,7 @@ struct mla_args {
 	int n, ctx_cap;
 	float *qc, *scores, *partial; /* scratch */
 	const int *vp_tab; /* mla_vproj_table(H), or NULL: the projection by wkv_b's v rows as a GEMV */
+	int one_seq;       /* every query is of sequence seqs[0] (a prefill chunk) */
 };
 /* The group tables that run the v projection through k_gemv (one group per head); device
  * memory, cudaFree when done. */

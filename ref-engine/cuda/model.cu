@@ -26,10 +26,9 @@ static const char *const stage_names[N_STAGES] = {
 	"dense MLP", "gate + routing", "routed experts", "shared expert + combine", "head", "copies in/out",
 };
 #define MAX_MARKS 512
-/* Prompts of at least PREFILL_BLAS_MIN tokens go through cuBLAS in chunks of PREFILL_BLAS:
- * bf16 weights (FP8 dequantised one matrix at a time) times bf16-rounded activations, fp32
- * accumulation (the official demo's bf16 GEMM); shorter ones, and decode, through the GEMV
- * kernels in fp32. */
+/* Prompts of at least PREFILL_BLAS_MIN tokens go through cuBLAS in chunks of PREFILL_BLAS
+ * (linear_blas: bf16 halves, fp32-grade) with the experts through the grouped GEMV; shorter
+ * ones, and decode, through the GEMV kernels alone. */
 #define PREFILL_BLAS 512
 #define PREFILL_BLAS_MIN 64
 
@@ -50,6 +49,7 @@ struct cuda_model {
 	int n_seqs, max_tokens, dim, vocab, hidden, K;
 	int in_cap;       /* tokens one pass takes: max(max_tokens, PREFILL_BLAS) */
 	int blas_min;     /* PREFILL_BLAS_MIN, or DSV3_CUDA_BLAS_MIN */
+	int prefilling;   /* in cuda_forward_prompt: every token of the pass is of one sequence */
 	int bf16_act;     /* DSV3_CUDA_BF16_ACT=1: prefill activations rounded to bf16 once */
 	int debug_parts;  /* DSV3_CUDA_GEMV_PARTS: 1 linears, 2 MoE through the GEMV path in slices */
 	float *split_out; /* [2 * in_cap, widest output] of a split GEMM */
@@ -432,59 +432,42 @@ static void linear_blas(cuda_model *g, const dweight *w, int expert, const float
 	sync_point(g, layer, what);
 }
 
-static void linear(cuda_model *g, const dweight *w, const float *x, int ldx, float *y, int ldy, int n, int acc,
-		   int layer, const char *what)
+/* y1 (+)= W1 x and, when w3 is not NULL, y3 = W3 x in the same launch: the GEMV for up to
+ * GEMV_MAX_TOKENS tokens, cuBLAS past that. */
+static void gemv_or_blas(cuda_model *g, const dweight *w1, const dweight *w3, const float *x, int ldx, float *y1,
+			 float *y3, int ldy, int ldy3, int n, int acc, int layer, const char *what)
 {
-	if (n > GEMV_MAX_TOKENS && (g->debug_parts & 1)) {
+	if (n > GEMV_MAX_TOKENS && (g->debug_parts & 1)) { /* diagnosis: the GEMV, 16 tokens at a time */
 		for (int i = 0; i < n; i += GEMV_MAX_TOKENS)
-			linear(g, w, x + (size_t)i * ldx, ldx, y + (size_t)i * ldy, ldy,
-			       n - i < GEMV_MAX_TOKENS ? n - i : GEMV_MAX_TOKENS, acc, layer, what);
+			gemv_or_blas(g, w1, w3, x + (size_t)i * ldx, ldx, y1 + (size_t)i * ldy,
+				     w3 ? y3 + (size_t)i * ldy3 : NULL, ldy, ldy3,
+				     n - i < GEMV_MAX_TOKENS ? n - i : GEMV_MAX_TOKENS, acc, layer, what);
 		return;
 	}
 	if (n > GEMV_MAX_TOKENS) {
-		linear_blas(g, w, 0, x, ldx, y, ldy, n, acc, layer, what);
+		linear_blas(g, w1, 0, x, ldx, y1, ldy, n, acc, layer, what);
+		if (w3)
+			linear_blas(g, w3, 0, x, ldx, y3, ldy3, n, 0, layer, what);
 		return;
 	}
 	cuda_where(layer, what);
 	gemv_call c = {};
-	c.w = w;
-	c.x = x;
-	c.ldx = ldx;
-	c.y = y;
-	c.ldy = ldy;
-	c.n = n;
-	c.accumulate = acc;
+	c.w = w1, c.w2 = w3, c.x = x, c.ldx = ldx;
+	c.y = y1, c.y2 = y3, c.ldy = ldy, c.ldy2 = ldy3, c.n = n, c.accumulate = acc;
 	k_gemv(g->stream, &c);
 	sync_point(g, layer, what);
 }
 
-/* y1 = W1 x, y3 = W3 x in one launch. */
+static void linear(cuda_model *g, const dweight *w, const float *x, int ldx, float *y, int ldy, int n, int acc,
+		   int layer, const char *what)
+{
+	gemv_or_blas(g, w, NULL, x, ldx, y, NULL, ldy, 0, n, acc, layer, what);
+}
+
 static void linear_pair(cuda_model *g, const dweight *w1, const dweight *w3, const float *x, int ldx, float *y1,
 			float *y3, int ldy, int ldy3, int n, int layer, const char *what)
 {
-	if (n > GEMV_MAX_TOKENS) {
-		if (g->debug_parts & 1) {
-			linear(g, w1, x, ldx, y1, ldy, n, 0, layer, what);
-			linear(g, w3, x, ldx, y3, ldy3, n, 0, layer, what);
-			return;
-		}
-		linear_blas(g, w1, 0, x, ldx, y1, ldy, n, 0, layer, what);
-		linear_blas(g, w3, 0, x, ldx, y3, ldy3, n, 0, layer, what);
-		return;
-	}
-	cuda_where(layer, what);
-	gemv_call c = {};
-	c.w = w1;
-	c.w2 = w3;
-	c.x = x;
-	c.ldx = ldx;
-	c.y = y1;
-	c.y2 = y3;
-	c.ldy = ldy;
-	c.ldy2 = ldy3;
-	c.n = n;
-	k_gemv(g->stream, &c);
-	sync_point(g, layer, what);
+	gemv_or_blas(g, w1, w3, x, ldx, y1, y3, ldy, ldy3, n, 0, layer, what);
 }
 
 /* x += w2(silu(w1 xn) * w3 xn) for n tokens. */
@@ -647,6 +630,7 @@ static void attention(cuda_model *g, const dlayer *d, int n, int cap, int layer)
 		a.softmax_scale = cf->softmax_scale;
 		a.wkv_b = d->wkv_b;
 		a.vp_tab = g->vp_tab;
+		a.one_seq = g->prefilling;
 		a.cache = cache;
 		a.seqs = seqs + i, a.pos = pos + i, a.n = n - i < g->max_tokens ? n - i : g->max_tokens;
 		a.ctx_cap = cap;
@@ -755,16 +739,22 @@ static void decode_step(cuda_model *g, int n, const int *seqs, const int *tokens
 	cuda_where(-1, "decode step");
 	CK(cudaStreamSynchronize(g->stream));
 	profile_collect(g, 0, n);
-	memcpy(logits, g->h_logits, sizeof(float) * n * g->vocab);
+	if (logits)
+		memcpy(logits, g->h_logits, sizeof(float) * n * g->vocab);
 }
 
-extern "C" void cuda_forward_batch(cuda_model *g, int n, const int *seqs, const int *tokens, const int *pos,
-				   float *logits)
+extern "C" float *cuda_forward_batch(cuda_model *g, int n, const int *seqs, const int *tokens, const int *pos,
+				     float *logits)
 {
+	if (n <= g->max_tokens) {
+		decode_step(g, n, seqs, tokens, pos, NULL);
+		return g->h_logits;
+	}
 	for (int i = 0; i < n; i += g->max_tokens) {
 		int m = n - i < g->max_tokens ? n - i : g->max_tokens;
 		decode_step(g, m, seqs + i, tokens + i, pos + i, logits + (size_t)i * g->vocab);
 	}
+	return logits;
 }
 
 extern "C" void cuda_forward_prompt(cuda_model *g, int seq, const int *tokens, int n, int pos, float *logits)
@@ -783,7 +773,9 @@ extern "C" void cuda_forward_prompt(cuda_model *g, int seq, const int *tokens, i
 					   g->stream));
 		done += m;
 		int last = done == n && logits;
+		g->prefilling = 1;
 		run_tokens(g, m, ctx_bucket(g, pos + done), last ? m - 1 : m);
+		g->prefilling = 0;
 		mark(g, ST_COPY);
 		if (last)
 			CK(cudaMemcpyAsync(g->h_logits, g->logits, sizeof(float) * g->vocab, cudaMemcpyDeviceToHost,
