@@ -182,6 +182,8 @@ __global__ void __launch_bounds__(256) softmax_kernel(mla_args a)
 	sum = dv_block_reduce<false>(sum);
 	for (int i = threadIdx.x; i < n; i += blockDim.x)
 		s[i] /= sum;
+	for (int i = n + threadIdx.x; i < a.zero_to; i += blockDim.x) /* for a GEMM over all the rows */
+		s[i] = 0.0f;
 }
 
 /* partial[t, slice, h, c] = sum over the slice's rows p of P[t, h, p] * cache[p, c], c < lora. */
@@ -209,21 +211,15 @@ __global__ void __launch_bounds__(256) pv_kernel(mla_args a, int split)
 	}
 }
 
-/* Block (h, tile of ATT_VT queries): o_c summed over the slices into shared memory, then warps
- * over the v rows of wkv_b[h, nope:], 16 columns a lane. */
-__global__ void __launch_bounds__(256) vproj_kernel(mla_args a, int split, float *out)
+/* Block (h, tile of ATT_VT queries): oc[t * H + h] into shared memory, then warps over the v rows
+ * of wkv_b[h, nope:], 16 columns a lane (the shapes the grouped GEMV cannot take). */
+__global__ void __launch_bounds__(256) vproj_kernel(mla_args a, const float *ocg, float *out)
 {
 	extern __shared__ float oc[]; /* [ATT_VT][lora] */
 	const int h = blockIdx.x, t0 = blockIdx.y * ATT_VT, nq = min(ATT_VT, a.n - t0);
 	for (int i = threadIdx.x; i < ATT_VT * a.lora; i += blockDim.x) {
 		int t = i / a.lora, c = i % a.lora;
-		float s = 0.0f;
-		if (t < nq) {
-			int ns = a.pos[t0 + t] / split + 1;
-			for (int sp = 0; sp < ns; sp++)
-				s += a.partial[(((long long)(t0 + t) * ATT_SPLITS + sp) * a.H + h) * a.lora + c];
-		}
-		oc[i] = s;
+		oc[i] = t < nq ? ocg[((long long)(t0 + t) * a.H + h) * a.lora + c] : 0.0f;
 	}
 	__syncthreads();
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -302,36 +298,42 @@ static bool vproj_as_gemv(const mla_args *a, dweight *vw)
 	return true;
 }
 
-void k_mla_attention(cudaStream_t s, const mla_args *a, const float *q, float *out)
+static void raise_smem(void)
 {
-	const int D = a->lora + a->rope, split = att_split(a->ctx_cap);
-	size_t absorb_sm = sizeof(float) * (ATT_QT * a->nope + 8 * ATT_QT * ATT_CB);
-	size_t scores_sm = sizeof(float) * (ATT_TT * (D % 4 ? D + 1 : D + 4) + ATT_SH * D);
-	size_t vproj_sm = sizeof(float) * ATT_VT * a->lora;
 	static bool raised;
-	if (!raised) { /* past the 48 KB default; the kernels' sizes are checked against this below */
-		CK(cudaFuncSetAttribute(absorb_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-		CK(cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-		CK(cudaFuncSetAttribute(vproj_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-		raised = true;
-	}
-	if (absorb_sm > 200 * 1024 || scores_sm > 200 * 1024 || vproj_sm > 200 * 1024)
+	if (raised) /* past the 48 KB default; the kernels' sizes are checked against this */
+		return;
+	CK(cudaFuncSetAttribute(absorb_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+	CK(cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+	CK(cudaFuncSetAttribute(vproj_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+	raised = true;
+}
+
+static void check_smem(size_t bytes)
+{
+	if (bytes > 200 * 1024)
 		cuda_check(cudaErrorInvalidValue, "mla attention: kv_lora_rank + rope too large for shared memory");
-	absorb_kernel<<<dim3(a->H, (a->n + ATT_QT - 1) / ATT_QT), 256, absorb_sm, s>>>(*a, q);
+}
+
+void k_mla_absorb(cudaStream_t s, const mla_args *a, const float *q)
+{
+	size_t sm = sizeof(float) * (ATT_QT * a->nope + 8 * ATT_QT * ATT_CB);
+	raise_smem();
+	check_smem(sm);
+	absorb_kernel<<<dim3(a->H, (a->n + ATT_QT - 1) / ATT_QT), 256, sm, s>>>(*a, q);
 	LAUNCHED("absorb_kernel");
-	scores_kernel<<<dim3((a->ctx_cap + ATT_TT - 1) / ATT_TT, a->one_seq ? 1 : a->n, (a->H + ATT_SH - 1) / ATT_SH),
-			256, scores_sm, s>>>(*a);
-	LAUNCHED("scores_kernel");
+}
+
+void k_mla_softmax(cudaStream_t s, const mla_args *a)
+{
 	softmax_kernel<<<dim3(a->H, a->n), 256, 0, s>>>(*a);
 	LAUNCHED("softmax_kernel");
-	pv_kernel<<<dim3((a->H + ATT_HG - 1) / ATT_HG, (a->ctx_cap + split - 1) / split, a->n), 256, 0, s>>>(*a, split);
-	LAUNCHED("pv_kernel");
+}
+
+void k_mla_vproj(cudaStream_t s, const mla_args *a, const float *oc, float *out)
+{
 	dweight vw;
 	if (vproj_as_gemv(a, &vw)) {
-		float *oc = a->qc; /* qc is read by now; [n * H, lora] fits in its [n, H, lora + rope] */
-		long long total = (long long)a->n * a->H * a->lora;
-		oc_sum_kernel<<<(unsigned)((total + 255) / 256), 256, 0, s>>>(*a, split, oc);
-		LAUNCHED("oc_sum_kernel");
 		const int H = a->H, T = GEMV_MAX_TOKENS;
 		gemv_groups gr = { a->vp_tab, a->vp_tab + 1, a->vp_tab + 1 + H + (a->n - 1) * H, a->vp_tab + 1 + H + T * H,
 				   a->vp_tab + 1 + H + T * H, H };
@@ -340,6 +342,29 @@ void k_mla_attention(cudaStream_t s, const mla_args *a, const float *q, float *o
 		k_gemv(s, &c);
 		return;
 	}
-	vproj_kernel<<<dim3(a->H, (a->n + ATT_VT - 1) / ATT_VT), 256, vproj_sm, s>>>(*a, split, out);
+	size_t sm = sizeof(float) * ATT_VT * a->lora;
+	raise_smem();
+	check_smem(sm);
+	vproj_kernel<<<dim3(a->H, (a->n + ATT_VT - 1) / ATT_VT), 256, sm, s>>>(*a, oc, out);
 	LAUNCHED("vproj_kernel");
+}
+
+void k_mla_attention(cudaStream_t s, const mla_args *a, const float *q, float *out)
+{
+	const int D = a->lora + a->rope, split = att_split(a->ctx_cap);
+	size_t scores_sm = sizeof(float) * (ATT_TT * (D % 4 ? D + 1 : D + 4) + ATT_SH * D);
+	k_mla_absorb(s, a, q);
+	raise_smem();
+	check_smem(scores_sm);
+	scores_kernel<<<dim3((a->ctx_cap + ATT_TT - 1) / ATT_TT, a->one_seq ? 1 : a->n, (a->H + ATT_SH - 1) / ATT_SH),
+			256, scores_sm, s>>>(*a);
+	LAUNCHED("scores_kernel");
+	k_mla_softmax(s, a);
+	pv_kernel<<<dim3((a->H + ATT_HG - 1) / ATT_HG, (a->ctx_cap + split - 1) / split, a->n), 256, 0, s>>>(*a, split);
+	LAUNCHED("pv_kernel");
+	float *oc = a->qc; /* qc is read by now; [n * H, lora] fits in its [n, H, lora + rope] */
+	long long total = (long long)a->n * a->H * a->lora;
+	oc_sum_kernel<<<(unsigned)((total + 255) / 256), 256, 0, s>>>(*a, split, oc);
+	LAUNCHED("oc_sum_kernel");
+	k_mla_vproj(s, a, oc, out);
 }

@@ -82,6 +82,7 @@ struct mla_args {
 	float *qc, *scores, *partial; /* scratch */
 	const int *vp_tab; /* mla_vproj_table(H), or NULL: the projection by wkv_b's v rows as a GEMV */
 	int one_seq;       /* every query is of sequence seqs[0] (a prefill chunk) */
+	int zero_to;       /* softmax writes 0 to scores[pos + 1, zero_to) (for a GEMM over them) */
 };
 /* The group tables that run the v projection through k_gemv (one group per head); device
  * memory, cudaFree when done. */
@@ -89,6 +90,11 @@ int *mla_vproj_table(int H);
 size_t mla_scratch_floats(int H, int lora, int rope, int n, int ctx_cap, float **qc, float **scores,
 			  float **partial, float *base);
 void k_mla_attention(cudaStream_t s, const mla_args *a, const float *q, float *out);
+/* Its stages, for a prefill chunk that does scores and P.C as GEMMs (model.cu): qc from q;
+ * the softmax of a->scores in place; out from oc [n * H, lora] (the P.C of each head). */
+void k_mla_absorb(cudaStream_t s, const mla_args *a, const float *q);
+void k_mla_softmax(cudaStream_t s, const mla_args *a);
+void k_mla_vproj(cudaStream_t s, const mla_args *a, const float *oc, float *out);
 
 /* The MoE gate after its scores (x . G^T, [n, E]): sigmoid or softmax, the bias, group limit,
  * top-k in expert order with their weights (DESIGN §4). topk/weights [n, K]. */

@@ -50,8 +50,10 @@ struct cuda_model {
 	int in_cap;       /* tokens one pass takes: max(max_tokens, PREFILL_BLAS) */
 	int blas_min;     /* PREFILL_BLAS_MIN, or DSV3_CUDA_BLAS_MIN */
 	int prefilling;   /* in cuda_forward_prompt: every token of the pass is of one sequence */
+	int prefill_seq, chunk_pos0; /* that sequence, the position of the chunk's first token */
 	int bf16_act;     /* DSV3_CUDA_BF16_ACT=1: prefill activations rounded to bf16 once */
-	int debug_parts;  /* DSV3_CUDA_GEMV_PARTS: 1 linears, 2 MoE through the GEMV path in slices */
+	int debug_parts;  /* DSV3_CUDA_GEMV_PARTS: 1 linears, 2 MoE through the GEMV path in slices,
+			   * 4 a prefill chunk's attention through the decode kernels */
 	float *split_out; /* [2 * in_cap, widest output] of a split GEMM */
 	size_t widest_out;
 	dweight embed, norm, head;
@@ -601,6 +603,30 @@ static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 	sync_point(g, layer, "ffn (combine)");
 }
 
+/* The attention of up to max_tokens queries of one sequence whose last position is need - 1,
+ * with the scores and P.C as fp32 GEMMs over every cache row up to need (a prefill chunk: the
+ * kernels of k_mla_attention re-read each cache row for every query). */
+static void attention_gemm(cuda_model *g, mla_args *a, int layer, int need, const float *q, float *out)
+{
+	const int D = a->lora + a->rope, nh = a->n * a->H;
+	const float *rows = a->cache.base + (size_t)g->prefill_seq * a->cache.seq_stride * D;
+	const float zero = 0.0f, one = 1.0f;
+	k_mla_absorb(g->stream, a, q);
+	cublasStatus_t st = cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, need, nh, D, &a->softmax_scale, rows, D,
+					a->qc, D, &zero, a->scores, a->ctx_cap);
+	a->zero_to = need;
+	k_mla_softmax(g->stream, a);
+	if (st == CUBLAS_STATUS_SUCCESS) /* oc [n * H, lora] where qc was */
+		st = cublasSgemm(g->blas, CUBLAS_OP_N, CUBLAS_OP_N, a->lora, nh, need, &one, rows, D, a->scores,
+				 a->ctx_cap, &zero, a->qc, a->lora);
+	if (st != CUBLAS_STATUS_SUCCESS) {
+		fprintf(stderr, "dsv3: cuBLAS error %d in cublasSgemm (layer %d, attention of a prefill chunk)\n",
+			(int)st, layer);
+		exit(3);
+	}
+	k_mla_vproj(g->stream, a, a->qc, out);
+}
+
 static void attention(cuda_model *g, const dlayer *d, int n, int cap, int layer)
 {
 	const Config *cf = &g->cf;
@@ -635,7 +661,12 @@ static void attention(cuda_model *g, const dlayer *d, int n, int cap, int layer)
 		a.seqs = seqs + i, a.pos = pos + i, a.n = n - i < g->max_tokens ? n - i : g->max_tokens;
 		a.ctx_cap = cap;
 		mla_scratch_floats(H, lora, rope, a.n, cap, &a.qc, &a.scores, &a.partial, g->att);
-		k_mla_attention(g->stream, &a, g->q + (size_t)i * H * cf->q_head_dim, g->attn + (size_t)i * H * c->v_head_dim);
+		const float *q = g->q + (size_t)i * H * cf->q_head_dim;
+		float *out = g->attn + (size_t)i * H * c->v_head_dim;
+		if (g->prefilling && n > g->max_tokens && !(g->debug_parts & 4))
+			attention_gemm(g, &a, layer, g->chunk_pos0 + i + a.n, q, out);
+		else
+			k_mla_attention(g->stream, &a, q, out);
 	}
 	sync_point(g, layer, "attn");
 	mark(g, ST_ATT_WO);
@@ -773,7 +804,7 @@ extern "C" void cuda_forward_prompt(cuda_model *g, int seq, const int *tokens, i
 					   g->stream));
 		done += m;
 		int last = done == n && logits;
-		g->prefilling = 1;
+		g->prefilling = 1, g->prefill_seq = seq, g->chunk_pos0 = pos + done - m;
 		run_tokens(g, m, ctx_bucket(g, pos + done), last ? m - 1 : m);
 		g->prefilling = 0;
 		mark(g, ST_COPY);
