@@ -1,7 +1,8 @@
 /* dsv3-verify ckpt DIR: the tensors of DIR against what DIR/config.json says a checkpoint must
  * hold (lib/model_layout.h): every expected tensor present with its dtype and shape, nothing
- * unexpected, and (HF layout) the index consistent with the files. A converted directory is
- * checked rank by rank against the layout renamed and split as DESIGN §3.3 says. */
+ * unexpected, every F8 tensor beside its scale, and (HF layout) the index consistent with the
+ * files. A converted directory is checked rank by rank against the layout renamed and split as
+ * DESIGN §3.3 says. First the variant (lib/variant.h) is named. */
 #include <getopt.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +12,7 @@
 #include "convert_names.h"
 #include "hf_ckpt.h"
 #include "model_layout.h"
+#include "variant.h"
 #include "verify.h"
 
 #define INDEX_NAME "model.safetensors.index.json"
@@ -214,6 +216,91 @@ static void check_converted_tensor(structure_check *s, const layout_tensor *lt)
 	}
 }
 
+/* ---- 1-byte tensors and their scales ---- */
+
+/* Index of the first tensor whose name is >= key. */
+static size_t lower_bound(const ckpt_dir *d, const char *key)
+{
+	size_t lo = 0, hi = d->n_tensors;
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		if (strcmp(d->tensors[mid].name, key) < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+/* A tensor beside `prefix`.weight (same module, and for a converted directory the same rank)
+ * whose name mentions a scale but is not the one the tools read: what a scale saved under
+ * another name looks like. */
+static const dir_tensor *unknown_scale(const ckpt_dir *d, const dir_tensor *w, const char *prefix,
+				       const char *scale_name)
+{
+	size_t plen = strlen(prefix);
+	for (size_t i = lower_bound(d, prefix); i < d->n_tensors; i++) {
+		const dir_tensor *t = &d->tensors[i];
+		if (strncmp(t->name, prefix, plen) != 0)
+			break;
+		if (t != w && strstr(t->name + plen, "scale") && strcmp(t->name, scale_name) != 0 &&
+		    (!d->converted || t->file == w->file))
+			return t;
+	}
+	return NULL;
+}
+
+/* Whether `scale_name` is there for w: anywhere in an HF directory (a scale may sit in another
+ * file than its weight), in w's own rank file in a converted one. */
+static int scale_present(const ckpt_dir *d, const dir_tensor *w, const char *scale_name)
+{
+	size_t n;
+	const dir_tensor *t = ckpt_dir_find(d, scale_name, &n);
+	for (size_t k = 0; k < n; k++)
+		if (!d->converted || t[k].file == w->file)
+			return 1;
+	return 0;
+}
+
+/* An FP8 tensor is only meaningful with its block scale; without it the bytes would pass
+ * through as if they were the weight. Named whatever config.json says, so a BF16 checkpoint
+ * with FP8 weights left in it is caught as such too. */
+static void check_one_byte_tensor(const ckpt_dir *d, const dir_tensor *w, problem_list *problems)
+{
+	char path[4096], prefix[512], scale_name[512 + 32];
+	ckpt_dir_file_path(d, w->file, path, sizeof path);
+	const char *dtype = dtype_name(w->tensor->dtype);
+	size_t len = strlen(w->name);
+	if (len < 7 || strcmp(w->name + len - 7, ".weight") != 0 || len - 6 >= sizeof prefix) {
+		problem_add(problems, "%s: tensor %s: %s, but only a NAME.weight tensor has a scale",
+			    path, w->name, dtype);
+		return;
+	}
+	snprintf(prefix, sizeof prefix, "%.*s", (int)(len - 6), w->name); /* keeps the dot */
+	snprintf(scale_name, sizeof scale_name, "%s%s", prefix,
+		 d->converted ? "scale" : "weight_scale_inv");
+	if (scale_present(d, w, scale_name))
+		return;
+	const dir_tensor *other = unknown_scale(d, w, prefix, scale_name);
+	if (other)
+		problem_add(problems,
+			    "%s: tensor %s: %s with its scale under a name the tools do not know: "
+			    "%s (expected %s)",
+			    path, w->name, dtype, other->name, scale_name);
+	else
+		problem_add(problems, "%s: tensor %s: %s without its scale %s", path, w->name,
+			    dtype, scale_name);
+}
+
+static void check_one_byte_tensors(const ckpt_dir *d, problem_list *problems)
+{
+	for (size_t i = 0; i < d->n_tensors; i++) {
+		st_dtype t = d->tensors[i].tensor->dtype;
+		if (t == ST_F8_E4M3 || t == ST_F8_E5M2)
+			check_one_byte_tensor(d, &d->tensors[i], problems);
+	}
+}
+
 /* ---- both ---- */
 
 static void report_unexpected(structure_check *s)
@@ -252,12 +339,27 @@ static int check_structure(const ckpt_dir *d, const dsv3_config *cfg, problem_li
 			check_hf_tensor(&s, &lt[i]);
 	}
 	report_unexpected(&s);
+	check_one_byte_tensors(d, problems);
 	if (!d->converted)
 		check_index(&s);
 	*checked = s.checked;
 	free(s.matched);
 	free(lt);
 	return 0;
+}
+
+/* "variant: NAME" on stdout (lib/variant.h's rules), before any problem, so that a user sees
+ * which release the checker took the directory for even when it fails. */
+static void print_variant(const ckpt_dir *d, const char *config_path)
+{
+	variant_facts f;
+	dsv3_error err = { 0 };
+	if (variant_facts_load(&f, config_path, &err))
+		return; /* config_load has read this file already; it cannot fail here but by a race */
+	for (size_t i = 0; i < d->n_tensors; i++)
+		variant_facts_note_tensor(&f, d->tensors[i].name);
+	printf("variant: %s\n", variant_name(&f));
+	fflush(stdout);
 }
 
 static void usage(FILE *f)
@@ -268,10 +370,15 @@ static void usage(FILE *f)
 		"Checks the structure of checkpoint DIR against DIR/config.json: every tensor the\n"
 		"config implies is present with its dtype and shape (FP8 scales F32\n"
 		"[ceil(out/128), ceil(in/128)]), nothing unexpected is there, and the index (if any)\n"
-		"matches the files. The MTP layers are expected when the config has them and any of\n"
-		"their tensors is present. A converted directory (model{r}-mp{N}.safetensors) is\n"
+		"matches the files. Every F8 tensor NAME.weight must have its scale\n"
+		"NAME.weight_scale_inv (NAME.scale converted), whatever the config says. The MTP\n"
+		"layers are expected when the config has them and any of their tensors is\n"
+		"present. A converted directory (model{r}-mp{N}.safetensors) is\n"
 		"checked rank by rank: names as convert.py writes them, split tensors divided by N\n"
 		"along their split dimension, routed experts on their rank only.\n"
+		"\n"
+		"First prints \"variant: NAME\", the DeepSeek release the config and tensor names\n"
+		"match: V2-Lite, V2 / V2.5, V3 / R1, V3.1, V3.2-Exp or unknown (docs/tools.md).\n"
 		"\n"
 		"  -h, --help  this help\n"
 		"\n"
@@ -313,6 +420,7 @@ int verify_ckpt(int argc, char **argv)
 		problem_list_free(&problems);
 		return dsv3_report(VERIFY_PROG, &err);
 	}
+	print_variant(&d, path);
 	size_t checked = 0;
 	int with_mtp = 0;
 	if (check_structure(&d, &cfg, &problems, &checked, &with_mtp, &err))
