@@ -5,6 +5,7 @@
 
 #include "cli.h"
 #include "error.h"
+#include "download.h"
 #include "verify.h"
 
 typedef struct {
@@ -18,6 +19,8 @@ static const verify_command commands[] = {
 	  verify_checksums },
 	{ "ckpt", "structure against config.json: tensors, dtypes, shapes, scale shapes, index",
 	  verify_ckpt },
+	{ "download", "a Hugging Face download: files, headers, index, hashes (tree or sums)",
+	  verify_download },
 	{ "logits", "the engine's logits against a golden file, teacher-forced (CPU or CUDA)",
 	  verify_logits },
 };
