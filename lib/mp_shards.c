@@ -34,6 +34,7 @@
 #define CHUNK (16u << 20)	  /* bytes per write/hash call */
 #define RELEASE_EVERY (64u << 20) /* input bytes touched between page drops */
 #define PROGRESS_EVERY (8u << 20)
+#define DEQUANT_CHUNK (4u << 20)  /* BF16 bytes made per step from an FP8 weight, per thread */
 
 /* ---- geometry ------------------------------------------------------------------------------ */
 
@@ -139,10 +140,77 @@ static void note_span(span *s, const uint8_t *p, size_t len)
 		s->hi = p + len;
 }
 
+/* ---- FP8 weights read as BF16 (mp_dequant) --------------------------------------------- */
+
+/* BF16 elements [e, e + count) of t in row-major order into dst; each row's run is cut at the
+ * block columns, every piece times its block's scale (e4m3_scale_to_bf16, as the cast does). */
+static void dequant_elements(const mp_tensor *t, uint64_t e, uint64_t count, uint16_t *dst)
+{
+	const mp_dequant *q = t->dequant;
+	const uint8_t *src = t->pieces[0].t->data;
+	uint64_t cols = (uint64_t)t->shape[1], bc = (uint64_t)q->block_cols;
+	uint64_t br = (uint64_t)q->block_rows, scale_cols = (uint64_t)q->scale->shape[1];
+	while (count > 0) {
+		uint64_t r = e / cols, c = e % cols;
+		uint64_t end = (c / bc + 1) * bc < cols ? (c / bc + 1) * bc : cols;
+		uint64_t n = end - c < count ? end - c : count;
+		float s;
+		/* tensor data need not be 4-aligned */
+		memcpy(&s, q->scale->data + 4 * ((r / br) * scale_cols + c / bc), 4);
+		e4m3_scale_to_bf16(dst, src + e, (size_t)n, s);
+		dst += n;
+		e += n;
+		count -= n;
+	}
+}
+
+/* walk_slice for a dequantised tensor: the BF16 bytes are made a chunk at a time in a buffer
+ * of at most DEQUANT_CHUNK bytes per thread, and the FP8 pages read are dropped as they go. */
+static int walk_slice_dequant(const mp_tensor *t, uint64_t a, uint64_t b, byte_sink sink,
+			      void *ctx, const atomic_int *stop, dsv3_error *err)
+{
+	geometry g = tensor_geometry(t);
+	const mp_piece *pc = &t->pieces[0];
+	uint64_t run = (b - a) * g.inner;
+	size_t cap = run < DEQUANT_CHUNK ? (size_t)run : DEQUANT_CHUNK;
+	uint16_t *buf = malloc(cap ? cap : 2);
+	if (!buf)
+		return dsv3_fail(err, DSV3_EIO, "tensor %s: out of memory", t->name);
+	span fp8 = { 0 };
+	uint64_t touched = 0;
+	int rc = 0;
+	for (uint64_t o = 0; o < g.outer && !rc; o++) {
+		uint64_t off = (o * g.dim + a) * g.inner, len = run;
+		while (len > 0 && !rc) {
+			size_t c = len < cap ? (size_t)len : cap;
+			if (stop && atomic_load(stop)) {
+				rc = dsv3_fail(err, DSV3_EIO, "cancelled");
+			} else {
+				dequant_elements(t, off / 2, c / 2, buf);
+				rc = sink(ctx, (const uint8_t *)buf, c, err);
+			}
+			note_span(&fp8, pc->t->data + off / 2, c / 2);
+			touched += c / 2;
+			off += c;
+			len -= c;
+			if (touched >= RELEASE_EVERY) {
+				release_span(pc, &fp8);
+				touched = 0;
+			}
+		}
+	}
+	release_span(pc, &fp8);
+	st_release(t->dequant->scale_file, t->dequant->scale);
+	free(buf);
+	return rc;
+}
+
 /* Feeds steps [a, b) of t's split dim, for every outer index, to sink in row-major order. */
 static int walk_slice(const mp_tensor *t, uint64_t a, uint64_t b, byte_sink sink, void *ctx,
 		      const atomic_int *stop, dsv3_error *err)
 {
+	if (t->dequant)
+		return walk_slice_dequant(t, a, b, sink, ctx, stop, err);
 	geometry g = tensor_geometry(t);
 	uint64_t per_piece = g.dim / (uint64_t)t->n_pieces;
 	span *spans = calloc((size_t)t->n_pieces, sizeof *spans);
@@ -603,8 +671,9 @@ static int is_regular_file(const char *dir, const char *name)
 	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
-int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_copied,
-			dsv3_error *err)
+/* Every regular file whose name contains "token", as convert.py copies them. */
+static int copy_token_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_copied,
+			    dsv3_error *err)
 {
 	char **names = NULL;
 	size_t n = 0;
@@ -616,13 +685,38 @@ int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_c
 		rc = copy_one(in_dir, names[i], o, m, err);
 		*n_copied += !rc;
 	}
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+	return rc;
+}
+
+int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_copied,
+			dsv3_error *err)
+{
+	int rc = copy_token_files(in_dir, o, m, n_copied, err);
 	if (!rc && is_regular_file(in_dir, "config.json")) {
 		rc = copy_one(in_dir, "config.json", o, m, err);
 		*n_copied += !rc;
 	}
-	for (size_t i = 0; i < n; i++)
-		free(names[i]);
-	free(names);
+	return rc;
+}
+
+/* The token files copied and config.json written from text. */
+static int copy_small_files_config(const char *in_dir, const char *config_text,
+				   size_t config_len, out_dir *o, manifest *m, size_t *n_copied,
+				   dsv3_error *err)
+{
+	if (!config_text)
+		return mp_copy_small_files(in_dir, o, m, n_copied, err);
+	uint8_t sha[32];
+	int rc = copy_token_files(in_dir, o, m, n_copied, err);
+	sha256_buffer(config_text, config_len, sha);
+	if (!rc)
+		rc = out_dir_write_file(o, "config.json", config_text, config_len, err);
+	if (!rc && manifest_add_file(m, "config.json", sha))
+		rc = dsv3_fail(err, DSV3_EIO, "manifest: out of memory");
+	*n_copied += !rc;
 	return rc;
 }
 
@@ -632,6 +726,14 @@ int mp_write_checkpoint(const char *in_dir, const char *out, const mp_tensor *t,
 			int mp, int n_experts, int threads, mp_stats *stats, size_t *n_small,
 			dsv3_error *err)
 {
+	return mp_write_checkpoint_config(in_dir, out, t, n, mp, n_experts, threads, NULL, 0,
+					  stats, n_small, err);
+}
+
+int mp_write_checkpoint_config(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
+			       int mp, int n_experts, int threads, const char *config_text,
+			       size_t config_len, mp_stats *stats, size_t *n_small, dsv3_error *err)
+{
 	out_dir o;
 	manifest m;
 	manifest_init(&m);
@@ -640,7 +742,7 @@ int mp_write_checkpoint(const char *in_dir, const char *out, const mp_tensor *t,
 		manifest_free(&m);
 		return rc;
 	}
-	rc = mp_copy_small_files(in_dir, &o, &m, n_small, err);
+	rc = copy_small_files_config(in_dir, config_text, config_len, &o, &m, n_small, err);
 	if (!rc)
 		rc = mp_write(t, n, mp, n_experts, threads, &o, &m, stats, err);
 	if (!rc)

@@ -15,6 +15,14 @@
  * lines of them in the message (problem_list_to_error). */
 #define MP_MAX_PROBLEMS 20
 
+/* An F8_E4M3 weight read as BF16 (dsv3-convert --dtype bf16): element (i, j) is
+ * bf16(float(fp8[i][j]) * scale[i / block_rows][j / block_cols]), as dsv3-fp8-to-bf16 computes it. */
+typedef struct {
+	const st_file *scale_file;
+	const st_tensor *scale; /* F32 [ceil(rows / block_rows), ceil(cols / block_cols)] */
+	int block_rows, block_cols;
+} mp_dequant;
+
 /* One input tensor holding some or all of a logical tensor's bytes. */
 typedef struct {
 	const st_file *file;
@@ -37,6 +45,9 @@ typedef struct {
 	int n_copies;
 	/* Logical SHA-256 the input's manifest promises, checked as the bytes pass; NULL if none. */
 	const uint8_t *expect_sha256;
+	/* Non-NULL: the logical tensor is BF16 [rows, cols] dequantised on the fly from the single
+	 * 2-D F8_E4M3 piece pieces[0] (n_pieces 1, no copies). */
+	const mp_dequant *dequant;
 } mp_tensor;
 
 /* "model{rank}-mp{mp}.safetensors" */
@@ -72,5 +83,10 @@ int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_c
 int mp_write_checkpoint(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
 			int mp, int n_experts, int threads, mp_stats *stats, size_t *n_small,
 			dsv3_error *err);
+/* The same, but config.json is written from config_text (config_len bytes) instead of copied
+ * (dsv3-convert --dtype bf16 writes the config dsv3-fp8-to-bf16 would); NULL: copied. */
+int mp_write_checkpoint_config(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
+			       int mp, int n_experts, int threads, const char *config_text,
+			       size_t config_len, mp_stats *stats, size_t *n_small, dsv3_error *err);
 
 #endif

@@ -1,6 +1,8 @@
 /* dsv3-convert: a Hugging Face DeepSeek checkpoint -> model{r}-mp{N}.safetensors, the job of
  * DeepSeek's convert.py with byte-identical output files (DESIGN §3.3). Everything is checked
- * before anything is written; the tensors are then streamed from the mmapped inputs. */
+ * before anything is written; the tensors are then streamed from the mmapped inputs. With
+ * --dtype bf16 the input is read as dsv3-fp8-to-bf16 would write it (to_bf16.h), so one pass
+ * gives the shards of the cast followed by the conversion. */
 #include <getopt.h>
 #include <limits.h>
 #include <stdio.h>
@@ -15,19 +17,21 @@
 #include "out_dir.h"
 #include "hf_ckpt.h"
 #include "mp_shards.h"
+#include "to_bf16.h"
 
 #define PROG "dsv3-convert"
 
 typedef struct {
 	const char *in, *out;
 	int n_experts, mp, keep_mtp, threads;
+	int bf16; /* --dtype bf16 */
 } convert_args;
 
 static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " PROG " --hf-ckpt-path IN --save-path OUT --n-experts E --model-parallel N\n"
-		"                    [--keep-mtp] [--threads T]\n"
+		"                    [--dtype fp8|bf16] [--keep-mtp] [--threads T]\n"
 		"Converts a Hugging Face DeepSeek checkpoint into N model-parallel files\n"
 		"model{r}-mp{N}.safetensors, byte-identical to DeepSeek's convert.py, plus the\n"
 		"tokenizer files, config.json, SHA256SUMS and tensors.sha256.json.\n"
@@ -35,6 +39,10 @@ static void usage(FILE *f)
 		"  --save-path OUT       output directory (created; nothing appears unless all succeeds)\n"
 		"  --n-experts E         routed experts (must equal config.json's n_routed_experts)\n"
 		"  --model-parallel N    number of ranks (N divides E and every split dimension)\n"
+		"  --dtype bf16          FP8 weights dequantised to BF16 as they stream, scales\n"
+		"                        dropped, config.json without quantization_config: the\n"
+		"                        output of dsv3-fp8-to-bf16 then dsv3-convert, in one pass\n"
+		"  --dtype fp8           tensors kept as stored (the default)\n"
 		"  --keep-mtp            keep the multi-token-prediction layer (convert.py drops it)\n"
 		"  --threads T           worker threads (default: all cores)\n"
 		"  --help, --version\n");
@@ -46,6 +54,14 @@ static int parse_int(const char *s, const char *flag, int *v, dsv3_error *err)
 	return cli_parse_int(s, flag, INT_MIN, INT_MAX, v, err);
 }
 
+static int parse_dtype(const char *s, int *bf16, dsv3_error *err)
+{
+	if (strcmp(s, "bf16") != 0 && strcmp(s, "fp8") != 0)
+		return dsv3_fail(err, DSV3_EUSAGE, "--dtype must be fp8 or bf16, not '%s'", s);
+	*bf16 = strcmp(s, "bf16") == 0;
+	return 0;
+}
+
 /* 0: run; -1: --help/--version printed; DSV3_EUSAGE otherwise. */
 static int parse_args(int argc, char **argv, convert_args *a, dsv3_error *err)
 {
@@ -55,6 +71,7 @@ static int parse_args(int argc, char **argv, convert_args *a, dsv3_error *err)
 		{ "n-experts", required_argument, 0, 'e' },
 		{ "model-parallel", required_argument, 0, 'n' },
 		{ "keep-mtp", no_argument, 0, 'k' },
+		{ "dtype", required_argument, 0, 'd' },
 		{ "threads", required_argument, 0, 't' },
 		{ "help", no_argument, 0, 'h' },
 		{ "version", no_argument, 0, 'V' },
@@ -71,6 +88,7 @@ static int parse_args(int argc, char **argv, convert_args *a, dsv3_error *err)
 		case 'e': rc = parse_int(optarg, "--n-experts", &a->n_experts, err); break;
 		case 'n': rc = parse_int(optarg, "--model-parallel", &a->mp, err); break;
 		case 'k': a->keep_mtp = 1; break;
+		case 'd': rc = parse_dtype(optarg, &a->bf16, err); break;
 		case 't': rc = parse_int(optarg, "--threads", &a->threads, err); break;
 		case 'h': usage(stdout); return -1;
 		case 'V': cli_print_version(PROG); return -1;
@@ -115,7 +133,7 @@ static void plan_free(convert_plan *p)
 
 /* One HF tensor -> one logical tensor of the plan, or a problem. */
 static void plan_tensor(convert_plan *p, const st_file *f, const st_tensor *st,
-			const dsv3_config *cfg, problem_list *pr)
+			const dsv3_config *cfg, problem_list *pr, const hf_ckpt *c, to_bf16 *b)
 {
 	converted_name cn;
 	long layer = hf_layer(st->name);
@@ -138,6 +156,7 @@ static void plan_tensor(convert_plan *p, const st_file *f, const st_tensor *st,
 	t->expert = cn.expert;
 	t->pieces = pc;
 	t->n_pieces = 1;
+	to_bf16_apply(b, c, st, t);
 	p->n++;
 }
 
@@ -169,7 +188,7 @@ static void check_duplicates(const convert_plan *p, problem_list *pr)
 
 /* Every check of convert.py and ours, all problems listed, before anything is created. */
 static int plan_convert(const hf_ckpt *c, const dsv3_config *cfg, const convert_args *a,
-			convert_plan *p, dsv3_error *err)
+			convert_plan *p, to_bf16 *b, dsv3_error *err)
 {
 	size_t total = 0;
 	for (size_t i = 0; i < c->n_files; i++)
@@ -180,6 +199,11 @@ static int plan_convert(const hf_ckpt *c, const dsv3_config *cfg, const convert_
 	if (!p->t || !p->pieces)
 		return dsv3_fail(err, DSV3_EIO, "out of memory");
 	problem_list pr = { 0 };
+	int rc = b ? to_bf16_prepare(b, c, a->in, &pr, err) : 0;
+	if (rc) {
+		problem_list_free(&pr);
+		return rc;
+	}
 	if (a->n_experts != cfg->n_routed_experts)
 		problem_add(&pr, "--n-experts %d, but %s/config.json has n_routed_experts %d",
 			    a->n_experts, a->in, cfg->n_routed_experts);
@@ -188,14 +212,16 @@ static int plan_convert(const hf_ckpt *c, const dsv3_config *cfg, const convert_
 		for (size_t k = 0; k < f->n_tensors; k++) {
 			if (!a->keep_mtp && hf_layer(f->tensors[k].name) >= cfg->n_layers)
 				continue; /* convert.py: if "model.layers.61" in name: continue */
-			plan_tensor(p, f, &f->tensors[k], cfg, &pr);
+			if (to_bf16_drops(b, &f->tensors[k]))
+				continue; /* the cast drops every scale */
+			plan_tensor(p, f, &f->tensors[k], cfg, &pr, c, b);
 		}
 	}
 	if (p->n == 0)
 		problem_add(&pr, "%s: no tensors to convert", a->in);
 	check_duplicates(p, &pr);
 	mp_check(p->t, p->n, a->mp, a->n_experts, &pr);
-	int rc = problem_list_to_error(&pr, MP_MAX_PROBLEMS, err);
+	rc = problem_list_to_error(&pr, MP_MAX_PROBLEMS, err);
 	problem_list_free(&pr);
 	return rc;
 }
@@ -236,13 +262,16 @@ int main(int argc, char **argv)
 	if (hf_ckpt_open(&c, a.in, &err))
 		return dsv3_report(PROG, &err);
 	convert_plan p;
+	to_bf16 b = { 0 };
 	mp_stats stats = { 0 };
 	size_t n_small = 0;
-	rc = plan_convert(&c, &cfg, &a, &p, &err);
+	rc = plan_convert(&c, &cfg, &a, &p, a.bf16 ? &b : NULL, &err);
 	if (!rc)
-		rc = mp_write_checkpoint(a.in, a.out, p.t, p.n, a.mp, a.n_experts, a.threads,
-					 &stats, &n_small, &err);
+		rc = mp_write_checkpoint_config(a.in, a.out, p.t, p.n, a.mp, a.n_experts,
+						a.threads, b.config_text, b.config_len, &stats,
+						&n_small, &err);
 	plan_free(&p);
+	to_bf16_free(&b);
 	hf_ckpt_close(&c);
 	if (rc)
 		return dsv3_report(PROG, &err);
