@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
+#include "hf_ckpt.h"
 #include "sha256.h"
 
 #define SUMS_NAME "SHA256SUMS"
@@ -406,5 +408,55 @@ int manifest_read(manifest *m, const char *dir, dsv3_error *err)
 	free(path);
 	if (rc)
 		manifest_free(m);
+	return rc;
+}
+
+/* Files a checkpoint tool writes itself; every other regular file is a side file. */
+static int is_tool_file(const char *name)
+{
+	static const char *const own[] = { "model.safetensors.index.json", "config.json", "SHA256SUMS",
+					   "tensors.sha256.json" };
+	size_t len = strlen(name), ext = strlen(".safetensors");
+	if (name[0] == '.' || (len >= ext && strcmp(name + len - ext, ".safetensors") == 0))
+		return 1;
+	for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
+		if (strcmp(name, own[i]) == 0)
+			return 1;
+	return 0;
+}
+
+static int copy_side_file(manifest *m, out_dir *o, const char *in_dir, const char *name, size_t *copied,
+			  dsv3_error *err)
+{
+	char *src = NULL;
+	if (asprintf(&src, "%s/%s", in_dir, name) < 0)
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	struct stat st;
+	int rc = 0;
+	if (stat(src, &st) == 0 && S_ISREG(st.st_mode)) {
+		uint8_t sha[32];
+		rc = out_dir_copy_file(o, src, name, err);
+		if (!rc)
+			rc = sha256_file(src, sha, err);
+		if (!rc && manifest_add_file(m, name, sha))
+			rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+		if (!rc)
+			(*copied)++;
+	}
+	free(src);
+	return rc;
+}
+
+int manifest_copy_side_files(manifest *m, out_dir *o, const char *in_dir, size_t *copied, dsv3_error *err)
+{
+	char **names = NULL;
+	size_t n = 0;
+	int rc = dir_glob(in_dir, "*", &names, &n, err);
+	for (size_t i = 0; i < n; i++) {
+		if (!rc && !is_tool_file(names[i]))
+			rc = copy_side_file(m, o, in_dir, names[i], copied, err);
+		free(names[i]);
+	}
+	free(names);
 	return rc;
 }

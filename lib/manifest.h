@@ -37,6 +37,11 @@ int manifest_add_tensor(manifest *m, const char *name, st_dtype dtype, int ndim,
  * sorted by name) into o. Files written through o itself (small files) must be added by the
  * caller before this. */
 int manifest_write(const manifest *m, out_dir *o, dsv3_error *err);
+/* Copies every regular file of in_dir that a checkpoint tool does not write itself (not hidden,
+ * not *.safetensors, not the index, config.json or the manifests: tokenizer files,
+ * generation_config.json, README, ...) into o in name order, each added to m with its SHA-256;
+ * *copied counts them. */
+int manifest_copy_side_files(manifest *m, out_dir *o, const char *in_dir, size_t *copied, dsv3_error *err);
 /* Reads both back from a directory. */
 int manifest_read(manifest *m, const char *dir, dsv3_error *err);
 

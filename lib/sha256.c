@@ -1,8 +1,11 @@
 /* Streaming SHA-256 over OpenSSL's EVP interface. */
 #include "sha256.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <openssl/evp.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 struct sha256_ctx {
 	EVP_MD_CTX *md;
@@ -57,4 +60,30 @@ void sha256_buffer(const void *data, size_t len, uint8_t out[32])
 {
 	unsigned int n = 32;
 	EVP_Digest(data, len, out, &n, EVP_sha256(), NULL);
+}
+
+int sha256_file(const char *path, uint8_t out[32], dsv3_error *err)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return dsv3_fail_errno(err, "cannot open %s", path);
+	sha256_ctx *ctx = sha256_new();
+	char *buf = malloc(1u << 20);
+	int rc = ctx && buf ? 0 : dsv3_fail(err, DSV3_EIO, "%s: out of memory", path);
+	while (!rc) {
+		ssize_t r = read(fd, buf, 1u << 20);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			rc = dsv3_fail_errno(err, "cannot read %s", path);
+		if (r <= 0)
+			break;
+		sha256_update(ctx, buf, (size_t)r);
+	}
+	if (!rc)
+		sha256_final(ctx, out);
+	sha256_free(ctx);
+	free(buf);
+	close(fd);
+	return rc;
 }

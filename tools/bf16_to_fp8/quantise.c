@@ -593,80 +593,7 @@ static int write_config(quant *q, dsv3_error *err)
 	return rc;
 }
 
-static int hash_file(const char *path, uint8_t sha[32], dsv3_error *err)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return dsv3_fail_errno(err, "cannot open %s", path);
-	sha256_ctx *ctx = sha256_new();
-	char *buf = malloc(1u << 20);
-	int rc = ctx && buf ? 0 : dsv3_fail(err, DSV3_EIO, "%s: out of memory", path);
-	while (!rc) {
-		ssize_t r = read(fd, buf, 1u << 20);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0)
-			rc = dsv3_fail_errno(err, "cannot read %s", path);
-		if (r <= 0)
-			break;
-		sha256_update(ctx, buf, (size_t)r);
-	}
-	if (!rc)
-		sha256_final(ctx, sha);
-	sha256_free(ctx);
-	free(buf);
-	close(fd);
-	return rc;
-}
-
 /* Files the conversion writes itself; every other regular file is copied. */
-static int is_own_file(const char *name)
-{
-	static const char *const own[] = { INDEX_NAME, CONFIG_NAME, "SHA256SUMS",
-					   "tensors.sha256.json" };
-	if (name[0] == '.' || ends_with(name, ".safetensors"))
-		return 1;
-	for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
-		if (strcmp(name, own[i]) == 0)
-			return 1;
-	return 0;
-}
-
-static int copy_one(quant *q, const char *name, dsv3_error *err)
-{
-	char *src = path_join(q->opt->in_dir, name);
-	if (!src)
-		return dsv3_fail(err, DSV3_EIO, "out of memory");
-	struct stat st;
-	int rc = 0;
-	if (stat(src, &st) == 0 && S_ISREG(st.st_mode)) {
-		uint8_t sha[32];
-		rc = out_dir_copy_file(&q->out, src, name, err);
-		if (!rc)
-			rc = hash_file(src, sha, err);
-		if (!rc && manifest_add_file(&q->man, name, sha))
-			rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
-		if (!rc)
-			q->stats->other_files++;
-	}
-	free(src);
-	return rc;
-}
-
-static int copy_other_files(quant *q, dsv3_error *err)
-{
-	char **names = NULL;
-	size_t n = 0;
-	int rc = dir_glob(q->opt->in_dir, "*", &names, &n, err);
-	for (size_t i = 0; i < n; i++) {
-		if (!rc && !is_own_file(names[i]))
-			rc = copy_one(q, names[i], err);
-		free(names[i]);
-	}
-	free(names);
-	return rc;
-}
-
 /* ---- the run ---- */
 
 static uint64_t output_bytes(const quant *q)
@@ -695,7 +622,7 @@ static int write_output(quant *q, dsv3_error *err)
 	if (!rc)
 		rc = write_config(q, err);
 	if (!rc)
-		rc = copy_other_files(q, err);
+		rc = manifest_copy_side_files(&q->man, &q->out, q->opt->in_dir, &q->stats->other_files, err);
 	if (!rc)
 		rc = manifest_write(&q->man, &q->out, err);
 	if (!rc)

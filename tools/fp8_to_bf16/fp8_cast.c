@@ -489,109 +489,8 @@ static int write_config(fp8_cast *fc, dsv3_error *err)
 	return rc;
 }
 
-static int hash_file(const char *path, uint8_t sha[32], dsv3_error *err)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return dsv3_fail_errno(err, "cannot open %s", path);
-	sha256_ctx *ctx = sha256_new();
-	char *buf = malloc(1u << 20);
-	int rc = ctx && buf ? 0 : dsv3_fail(err, DSV3_EIO, "%s: out of memory", path);
-	while (!rc) {
-		ssize_t r = read(fd, buf, 1u << 20);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0)
-			rc = dsv3_fail_errno(err, "cannot read %s", path);
-		if (r <= 0)
-			break;
-		sha256_update(ctx, buf, (size_t)r);
-	}
-	if (!rc)
-		sha256_final(ctx, sha);
-	sha256_free(ctx);
-	free(buf);
-	close(fd);
-	return rc;
-}
-
 /* Files the cast itself produces or replaces; everything else regular is copied. */
-static int is_own_file(const char *name)
-{
-	static const char *const own[] = { INDEX_NAME, CONFIG_NAME, "SHA256SUMS",
-					   "tensors.sha256.json" };
-	if (name[0] == '.' || ends_with(name, ".safetensors"))
-		return 1;
-	for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
-		if (strcmp(name, own[i]) == 0)
-			return 1;
-	return 0;
-}
-
-static int copy_one(fp8_cast *fc, const char *name, dsv3_error *err)
-{
-	char *src = path_join(fc->opt->in_dir, name);
-	if (!src)
-		return dsv3_fail(err, DSV3_EIO, "out of memory");
-	struct stat st;
-	int rc = 0;
-	if (stat(src, &st) == 0 && S_ISREG(st.st_mode)) {
-		uint8_t sha[32];
-		rc = out_dir_copy_file(&fc->out, src, name, err);
-		if (!rc)
-			rc = hash_file(src, sha, err);
-		if (!rc && manifest_add_file(&fc->man, name, sha))
-			rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
-		if (!rc)
-			fc->stats->other_files++;
-	}
-	free(src);
-	return rc;
-}
-
-static int cmp_str(const void *a, const void *b)
-{
-	return strcmp(*(const char *const *)a, *(const char *const *)b);
-}
-
 /* Tokenizer files, generation_config.json, README, ...: copied as they are, in name order. */
-static int copy_other_files(fp8_cast *fc, dsv3_error *err)
-{
-	DIR *d = opendir(fc->opt->in_dir);
-	if (!d)
-		return dsv3_fail_errno(err, "cannot open directory %s", fc->opt->in_dir);
-	char **names = NULL;
-	size_t n = 0, cap = 0;
-	int rc = 0;
-	struct dirent *e;
-	while (!rc && (e = readdir(d))) {
-		if (is_own_file(e->d_name))
-			continue;
-		if (n == cap) {
-			cap = cap ? 2 * cap : 16;
-			char **p = realloc(names, cap * sizeof *p);
-			if (!p) {
-				rc = dsv3_fail(err, DSV3_EIO, "out of memory");
-				break;
-			}
-			names = p;
-		}
-		if (!(names[n] = strdup(e->d_name)))
-			rc = dsv3_fail(err, DSV3_EIO, "out of memory");
-		else
-			n++;
-	}
-	closedir(d);
-	if (n)
-		qsort(names, n, sizeof *names, cmp_str);
-	for (size_t i = 0; i < n && !rc; i++)
-		rc = copy_one(fc, names[i], err);
-	for (size_t i = 0; i < n; i++)
-		free(names[i]);
-	free(names);
-	return rc;
-}
-
 /* ---- the run ---- */
 
 static uint64_t output_bytes(const fp8_cast *fc)
@@ -732,7 +631,7 @@ static int write_output(fp8_cast *fc, dsv3_error *err)
 	if (!rc)
 		rc = write_config(fc, err);
 	if (!rc)
-		rc = copy_other_files(fc, err);
+		rc = manifest_copy_side_files(&fc->man, &fc->out, fc->opt->in_dir, &fc->stats->other_files, err);
 	if (!rc)
 		rc = manifest_write(&fc->man, &fc->out, err);
 	if (!rc)
