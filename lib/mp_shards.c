@@ -257,6 +257,8 @@ typedef struct {
 	int mp, n_experts;
 	const char **tmp_paths;	 /* per rank */
 	uint8_t (*file_sha)[32]; /* per rank */
+	unsigned char *kept;	 /* per rank: a resumed run's finished file, not written again */
+	resume_log *res;
 	uint8_t (*tensor_sha)[32];
 	size_t *order; /* global layout order: dtype rank descending, then name */
 	size_t *gpos;  /* gpos[order[k]] == k */
@@ -464,6 +466,10 @@ static int write_rank_tensors(write_job *j, int r, st_writer *w, const size_t *i
 
 static int write_rank(write_job *j, int r, sha256_ctx *sha, dsv3_error *err)
 {
+	if (j->kept[r]) {
+		note_writer_done(j);
+		return hash_queue(j, SIZE_MAX, sha, err);
+	}
 	st_spec *specs = NULL;
 	size_t *index = NULL, n = 0;
 	st_writer *w = NULL;
@@ -474,8 +480,13 @@ static int write_rank(write_job *j, int r, sha256_ctx *sha, dsv3_error *err)
 		rc = write_rank_tensors(j, r, w, index, n, err);
 	if (!rc)
 		rc = st_writer_finish(w, j->file_sha[r], err);
-	if (rc)
+	else
 		st_writer_abort(w); /* the temporary would be removed by out_dir_close anyway */
+	if (!rc && j->res) {
+		char name[64];
+		mp_file_name(name, sizeof name, r, j->mp);
+		rc = resume_finish(j->res, name, j->file_sha[r], NULL, 0, err);
+	}
 	note_writer_done(j);
 	if (!rc)
 		rc = hash_queue(j, SIZE_MAX, sha, err); /* help with what nobody has taken yet */
@@ -513,10 +524,11 @@ static int job_init(write_job *j, const mp_tensor *t, size_t n, int mp, int n_ex
 	j->n_experts = n_experts;
 	j->tmp_paths = calloc((size_t)mp, sizeof *j->tmp_paths);
 	j->file_sha = calloc((size_t)mp, sizeof *j->file_sha);
+	j->kept = calloc((size_t)mp, 1);
 	j->tensor_sha = calloc(n ? n : 1, sizeof *j->tensor_sha);
 	j->order = malloc((n ? n : 1) * sizeof *j->order);
 	j->gpos = malloc((n ? n : 1) * sizeof *j->gpos);
-	if (!j->tmp_paths || !j->file_sha || !j->tensor_sha || !j->order || !j->gpos)
+	if (!j->tmp_paths || !j->file_sha || !j->kept || !j->tensor_sha || !j->order || !j->gpos)
 		return -1;
 	for (size_t i = 0; i < n; i++)
 		j->order[i] = i;
@@ -535,6 +547,7 @@ static void job_free(write_job *j)
 {
 	free(j->tmp_paths);
 	free(j->file_sha);
+	free(j->kept);
 	free(j->tensor_sha);
 	free(j->order);
 	free(j->gpos);
@@ -550,6 +563,44 @@ static uint64_t total_written(const write_job *j)
 		total += is_split(&j->t[i]) || j->t[i].expert >= 0 ? bytes : bytes * (uint64_t)j->mp;
 	}
 	return total;
+}
+
+/* Tensor bytes of rank r's file. */
+static uint64_t rank_bytes(const write_job *j, int r)
+{
+	uint64_t total = 0;
+	for (size_t i = 0; i < j->n; i++) {
+		uint64_t a, b;
+		if (!rank_slice(&j->t[i], r, j->mp, j->n_experts, &a, &b))
+			continue;
+		geometry g = tensor_geometry(&j->t[i]);
+		total += g.outer * g.inner * (b - a);
+	}
+	return total;
+}
+
+/* Each rank file is taken from a resumed run or registered to be written. */
+static int register_ranks(write_job *j, out_dir *o, uint64_t *kept_bytes, dsv3_error *err)
+{
+	*kept_bytes = 0;
+	for (int r = 0; r < j->mp; r++) {
+		char name[64];
+		mp_file_name(name, sizeof name, r, j->mp);
+		const resume_file *f = NULL;
+		int rc = j->res ? resume_take(j->res, name, &f, err) : 0;
+		if (rc)
+			return rc;
+		if (f) {
+			j->kept[r] = 1;
+			memcpy(j->file_sha[r], f->sha256, 32);
+			*kept_bytes += rank_bytes(j, r);
+			continue;
+		}
+		j->tmp_paths[r] = out_dir_add(o, name, err);
+		if (!j->tmp_paths[r])
+			return err->code ? err->code : DSV3_EIO;
+	}
+	return 0;
 }
 
 static int record_manifest(const write_job *j, manifest *m, dsv3_error *err)
@@ -577,21 +628,16 @@ static int resolve_threads(int threads)
 }
 
 int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, out_dir *o,
-	     manifest *m, mp_stats *stats, dsv3_error *err)
+	     resume_log *res, manifest *m, mp_stats *stats, dsv3_error *err)
 {
 	write_job j;
 	if (job_init(&j, t, n, mp, n_experts)) {
 		job_free(&j);
 		return dsv3_fail(err, DSV3_EIO, "out of memory");
 	}
-	int rc = 0;
-	for (int r = 0; r < mp && !rc; r++) {
-		char name[64];
-		mp_file_name(name, sizeof name, r, mp);
-		j.tmp_paths[r] = out_dir_add(o, name, err);
-		if (!j.tmp_paths[r])
-			rc = err->code ? err->code : DSV3_EIO;
-	}
+	j.res = res;
+	uint64_t kept_bytes = 0;
+	int rc = register_ranks(&j, o, &kept_bytes, err);
 	thread_pool *pool = NULL;
 	if (!rc) {
 		/* `threads` writers at once (their files' hashes on threads of their own) and as
@@ -608,8 +654,7 @@ int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, o
 		j.n_hashers = (size_t)writers;
 	}
 	if (!rc) {
-		uint64_t written = total_written(&j);
-		progress_start(&j.bar, "writing", written);
+		progress_start(&j.bar, "writing", total_written(&j) - kept_bytes);
 		thread_pool_for(pool, j.n_hashers + (size_t)mp, run_task, &j);
 		progress_end(&j.bar);
 		if (j.first_err.code) {
@@ -629,33 +674,12 @@ int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, o
 	return rc;
 }
 
-int mp_file_sha256(const char *path, uint8_t sha256[32], dsv3_error *err)
-{
-	FILE *f = fopen(path, "rb");
-	if (!f)
-		return dsv3_fail_errno(err, "cannot open %s", path);
-	sha256_ctx *c = sha256_new();
-	char *buf = malloc(1u << 20);
-	int rc = c && buf ? 0 : dsv3_fail(err, DSV3_EIO, "%s: out of memory", path);
-	size_t got;
-	while (!rc && (got = fread(buf, 1, 1u << 20, f)) > 0)
-		sha256_update(c, buf, got);
-	if (!rc && ferror(f))
-		rc = dsv3_fail_errno(err, "cannot read %s", path);
-	if (!rc)
-		sha256_final(c, sha256);
-	sha256_free(c);
-	free(buf);
-	fclose(f);
-	return rc;
-}
-
 static int copy_one(const char *in_dir, const char *name, out_dir *o, manifest *m, dsv3_error *err)
 {
 	char path[4096];
 	uint8_t sha[32];
 	snprintf(path, sizeof path, "%s/%s", in_dir, name);
-	int rc = mp_file_sha256(path, sha, err);
+	int rc = sha256_file(path, sha, err);
 	if (!rc)
 		rc = out_dir_copy_file(o, path, name, err);
 	if (!rc && manifest_add_file(m, name, sha))
@@ -722,33 +746,33 @@ static int copy_small_files_config(const char *in_dir, const char *config_text,
 
 /* ---- the whole checkpoint ---------------------------------------------------------------- */
 
-int mp_write_checkpoint(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
-			int mp, int n_experts, int threads, mp_stats *stats, size_t *n_small,
-			dsv3_error *err)
-{
-	return mp_write_checkpoint_config(in_dir, out, t, n, mp, n_experts, threads, NULL, 0,
-					  stats, n_small, err);
-}
-
-int mp_write_checkpoint_config(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
-			       int mp, int n_experts, int threads, const char *config_text,
-			       size_t config_len, mp_stats *stats, size_t *n_small, dsv3_error *err)
+int mp_write_checkpoint(const mp_checkpoint *c, const mp_tensor *t, size_t n, mp_stats *stats,
+			size_t *n_small, dsv3_error *err)
 {
 	out_dir o;
 	manifest m;
 	manifest_init(&m);
-	int rc = out_dir_open(&o, out, err);
+	int rc = out_dir_open(&o, c->out, err);
 	if (rc) {
 		manifest_free(&m);
 		return rc;
 	}
-	rc = copy_small_files_config(in_dir, config_text, config_len, &o, &m, n_small, err);
+	resume_log res;
+	rc = resume_open(&res, &o, c->run_key, c->resume, c->threads, err);
 	if (!rc)
-		rc = mp_write(t, n, mp, n_experts, threads, &o, &m, stats, err);
+		rc = copy_small_files_config(c->in_dir, c->config_text, c->config_len, &o, &m,
+					     n_small, err);
+	if (!rc)
+		rc = mp_write(t, n, c->mp, c->n_experts, c->threads, &o, &res, &m, stats, err);
 	if (!rc)
 		rc = manifest_write(&m, &o, err);
 	if (!rc)
 		rc = out_dir_commit(&o, err);
+	if (!rc)
+		rc = resume_complete(&res, err);
+	if (stats)
+		stats->resumed = res.stats;
+	resume_close(&res);
 	out_dir_close(&o);
 	manifest_free(&m);
 	return rc;

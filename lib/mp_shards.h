@@ -9,6 +9,7 @@
 #include "manifest.h"
 #include "out_dir.h"
 #include "problems.h"
+#include "resume.h"
 #include "safetensors.h"
 
 /* Problems found while checking inputs are all listed before a tool refuses, at most this many
@@ -57,36 +58,42 @@ void mp_file_name(char *buf, size_t len, int rank, int mp);
 void mp_check(const mp_tensor *t, size_t n, int mp, int n_experts, problem_list *p);
 
 typedef struct {
-	uint64_t bytes_written; /* data of the model files */
+	uint64_t bytes_written; /* data of the model files (kept ones of a resumed run included) */
 	size_t n_files;
+	resume_stats resumed;
 } mp_stats;
 
 /* Writes model{r}-mp{mp}.safetensors for r < mp into o (each file laid out as save_file lays it
  * out, no metadata) and adds to m each file's SHA-256 and each logical tensor (dtype, whole shape,
  * SHA-256 of its whole row-major bytes). Work runs on `threads` threads (<= 0: all cores): one
  * rank file per task plus logical hashing tasks; input pages are dropped after use, so the
- * resident set stays near the buffers, not the model. Call mp_check first. */
+ * resident set stays near the buffers, not the model. With `res`, a rank file a resumed run
+ * kept is not written again (the logical hashes still read every input) and each written one
+ * is finished into the journal as soon as it is complete. Call mp_check first. */
 int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, out_dir *o,
-	     manifest *m, mp_stats *stats, dsv3_error *err);
+	     resume_log *res, manifest *m, mp_stats *stats, dsv3_error *err);
 
-/* SHA-256 of a file's contents (small files copied next to the shards). */
-int mp_file_sha256(const char *path, uint8_t sha256[32], dsv3_error *err);
 /* Copies what convert.py copies (every regular file whose name contains "token") and config.json
  * (which it does not) from in_dir into o, adding each to m. A missing config.json is skipped. */
 int mp_copy_small_files(const char *in_dir, out_dir *o, manifest *m, size_t *n_copied,
 			dsv3_error *err);
 
-/* A whole converted checkpoint, as dsv3-convert and dsv3-shard both end: the rank files, the
- * input's small files, SHA256SUMS and tensors.sha256.json, renamed into place only when all
- * succeeded. t[0..n) is split `mp` ways into out (created); stats and *n_small (files copied)
- * say what was written. */
-int mp_write_checkpoint(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
-			int mp, int n_experts, int threads, mp_stats *stats, size_t *n_small,
-			dsv3_error *err);
-/* The same, but config.json is written from config_text (config_len bytes) instead of copied
- * (dsv3-convert --dtype bf16 writes the config dsv3-fp8-to-bf16 would); NULL: copied. */
-int mp_write_checkpoint_config(const char *in_dir, const char *out, const mp_tensor *t, size_t n,
-			       int mp, int n_experts, int threads, const char *config_text,
-			       size_t config_len, mp_stats *stats, size_t *n_small, dsv3_error *err);
+/* A whole converted checkpoint, as dsv3-convert and dsv3-shard both end. */
+typedef struct {
+	const char *in_dir, *out;
+	int mp, n_experts, threads;
+	/* config.json is written from this text (dsv3-convert --dtype bf16 writes the config
+	 * dsv3-fp8-to-bf16 would); NULL: copied */
+	const char *config_text;
+	size_t config_len;
+	int resume;          /* --resume: keep the verified rank files of an interrupted run */
+	uint8_t run_key[32]; /* resume_key of the tool, its options and in_dir */
+} mp_checkpoint;
+
+/* The rank files, the input's small files, SHA256SUMS and tensors.sha256.json, renamed into
+ * place only when all succeeded; t[0..n) is split c->mp ways into c->out (created). stats and
+ * *n_small (files copied) say what was written. */
+int mp_write_checkpoint(const mp_checkpoint *c, const mp_tensor *t, size_t n, mp_stats *stats,
+			size_t *n_small, dsv3_error *err);
 
 #endif

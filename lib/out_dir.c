@@ -1,5 +1,7 @@
 /* Atomic output directory (DESIGN §8): files are written as DIR/.dsv3-tmp.NAME.PID and renamed
- * to DIR/NAME only by out_dir_commit, after every one of them is on disk. */
+ * to DIR/NAME only by out_dir_commit, after every one of them is on disk. A file finished before
+ * the end may move to a hidden name of its own (out_dir_finish) that a killed run leaves for
+ * --resume; it too reaches its final name only at the commit. */
 #include "out_dir.h"
 
 #include <dirent.h>
@@ -105,16 +107,20 @@ static int grow(out_dir *o)
 	if (!t)
 		return -1;
 	o->tmp_paths = t;
+	unsigned char *k = realloc(o->finished, cap);
+	if (!k)
+		return -1;
+	o->finished = k;
 	o->cap = cap;
 	return 0;
 }
 
-static int name_registered(const out_dir *o, const char *final_path)
+static long index_of(const out_dir *o, const char *final_path)
 {
 	for (size_t i = 0; i < o->n; i++)
 		if (strcmp(o->final_paths[i], final_path) == 0)
-			return 1;
-	return 0;
+			return (long)i;
+	return -1;
 }
 
 const char *out_dir_add(out_dir *o, const char *name, dsv3_error *err)
@@ -134,7 +140,7 @@ const char *out_dir_add(out_dir *o, const char *name, dsv3_error *err)
 		dsv3_fail(err, DSV3_EIO, "%s/%s: out of memory", o->dir, name);
 		return NULL;
 	}
-	if (name_registered(o, final_path)) {
+	if (index_of(o, final_path) >= 0) {
 		dsv3_fail(err, DSV3_EUSAGE, "%s: output file written twice", final_path);
 		free(final_path);
 		free(tmp_path);
@@ -142,8 +148,63 @@ const char *out_dir_add(out_dir *o, const char *name, dsv3_error *err)
 	}
 	o->final_paths[o->n] = final_path;
 	o->tmp_paths[o->n] = tmp_path;
+	o->finished[o->n] = 0;
 	o->n++;
 	return tmp_path;
+}
+
+static long find_name(const out_dir *o, const char *name)
+{
+	char *final_path = path_join(o->dir, name);
+	long i = final_path ? index_of(o, final_path) : -1;
+	free(final_path);
+	return i;
+}
+
+/* Stands `path` in for name's temporary (registered at index i), as a finished file. */
+static int set_finished(out_dir *o, size_t i, const char *path, dsv3_error *err)
+{
+	char *p = strdup(path);
+	if (!p)
+		return dsv3_fail(err, DSV3_EIO, "%s: out of memory", path);
+	free(o->tmp_paths[i]);
+	o->tmp_paths[i] = p;
+	o->finished[i] = 1;
+	return 0;
+}
+
+int out_dir_add_finished(out_dir *o, const char *name, const char *path, dsv3_error *err)
+{
+	if (!out_dir_add(o, name, err))
+		return err->code ? err->code : DSV3_EIO;
+	return set_finished(o, o->n - 1, path, err);
+}
+
+static int fsync_path(const char *path, int flags, dsv3_error *err)
+{
+	int fd = open(path, flags | O_CLOEXEC);
+	if (fd < 0)
+		return dsv3_fail_errno(err, "cannot open %s", path);
+	if (fsync(fd) != 0) {
+		int rc = dsv3_fail_errno(err, "cannot sync %s", path);
+		close(fd);
+		return rc;
+	}
+	close(fd);
+	return 0;
+}
+
+int out_dir_finish(out_dir *o, const char *name, const char *path, dsv3_error *err)
+{
+	long i = find_name(o, name);
+	if (i < 0)
+		return dsv3_fail(err, DSV3_EIO, "%s/%s: finished but never registered", o->dir, name);
+	int rc = fsync_path(o->tmp_paths[i], O_RDONLY, err);
+	if (rc)
+		return rc;
+	if (rename(o->tmp_paths[i], path) != 0)
+		return dsv3_fail_errno(err, "cannot rename %s to %s", o->tmp_paths[i], path);
+	return set_finished(o, (size_t)i, path, err);
 }
 
 static int write_all(int fd, const void *data, size_t len)
@@ -244,19 +305,6 @@ int out_dir_copy_file(out_dir *o, const char *src_path, const char *name, dsv3_e
 	return rc;
 }
 
-static int fsync_path(const char *path, int flags, dsv3_error *err)
-{
-	int fd = open(path, flags | O_CLOEXEC);
-	if (fd < 0)
-		return dsv3_fail_errno(err, "cannot open %s", path);
-	if (fsync(fd) != 0) {
-		int rc = dsv3_fail_errno(err, "cannot sync %s", path);
-		close(fd);
-		return rc;
-	}
-	close(fd);
-	return 0;
-}
 
 int out_dir_commit(out_dir *o, dsv3_error *err)
 {
@@ -284,13 +332,14 @@ int out_dir_commit(out_dir *o, dsv3_error *err)
 void out_dir_close(out_dir *o)
 {
 	for (size_t i = 0; i < o->n; i++) {
-		if (o->tmp_paths[i])
+		if (o->tmp_paths[i] && !o->finished[i])
 			unlink(o->tmp_paths[i]);
 		free(o->tmp_paths[i]);
 		free(o->final_paths[i]);
 	}
 	free(o->tmp_paths);
 	free(o->final_paths);
+	free(o->finished);
 	free(o->dir);
 	memset(o, 0, sizeof *o);
 }

@@ -170,6 +170,34 @@ static void test_out_dir_errors_name_the_path(void **state)
 	free(file);
 }
 
+/* A finished file (out_dir_finish) survives a close without commit, under its own name, and a
+ * later run can hand it to the commit (out_dir_add_finished) without writing it again. */
+static void test_out_dir_finished_files_outlive_a_failed_run(void **state)
+{
+	const char *dir = *state;
+	char *kept = strdup(path_in(dir, ".dsv3-done.a.safetensors"));
+	out_dir o;
+	dsv3_error err = { 0 };
+	assert_int_equal(out_dir_open(&o, dir, &err), 0);
+	write_text_file(out_dir_add(&o, "a.safetensors", &err), "finished");
+	write_text_file(out_dir_add(&o, "b.safetensors", &err), "partial");
+	assert_int_equal(out_dir_finish(&o, "a.safetensors", kept, &err), 0);
+	assert_int_not_equal(out_dir_finish(&o, "never-added", kept, &err), 0);
+	out_dir_close(&o); /* the run failed */
+	assert_int_equal(count_entries(dir), 1);
+	assert_file_text(kept, "finished");
+
+	assert_int_equal(out_dir_open(&o, dir, &err), 0);
+	assert_int_equal(out_dir_add_finished(&o, "a.safetensors", kept, &err), 0);
+	assert_int_equal(out_dir_write_file(&o, "b.safetensors", "whole", 5, &err), 0);
+	assert_int_equal(out_dir_commit(&o, &err), 0);
+	out_dir_close(&o);
+	assert_int_equal(count_entries(dir), 2);
+	assert_file_text(path_in(dir, "a.safetensors"), "finished");
+	assert_file_text(path_in(dir, "b.safetensors"), "whole");
+	free(kept);
+}
+
 #define T(f) cmocka_unit_test_setup_teardown(f, make_tmp, tmp_dir_teardown)
 
 int main(void)
@@ -177,6 +205,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		T(test_out_dir_files_appear_only_after_commit),
 		T(test_out_dir_close_without_commit_leaves_nothing),
+		T(test_out_dir_finished_files_outlive_a_failed_run),
 		T(test_out_dir_open_removes_stale_temporaries),
 		T(test_out_dir_commit_replaces_an_older_file),
 		T(test_out_dir_refuses_a_name_added_twice),

@@ -195,7 +195,7 @@ void count_dir_entries(const char *dir, int *finals, int *temps)
 	while ((e = readdir(d))) {
 		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
 			continue;
-		if (!strncmp(e->d_name, ".dsv3-tmp.", 10))
+		if (!strncmp(e->d_name, ".dsv3-", 6)) /* temporaries, finished files, journal */
 			(*temps)++;
 		else
 			(*finals)++;

@@ -47,8 +47,8 @@ int file_contains(const char *path, const char *needle);
 /* Fails the test, printing the file, unless it holds `needle`. */
 void assert_file_contains(const char *path, const char *needle);
 void write_text_file(const char *path, const char *text);
-/* Entries of dir (not . and ..): final ones and out_dir temporaries (.dsv3-tmp.*); 0 and 0
- * when dir does not exist. */
+/* Entries of dir (not . and ..): final ones and the hidden ones of out_dir and --resume
+ * (.dsv3-tmp.*, .dsv3-done.*, .dsv3-resume); 0 and 0 when dir does not exist. */
 void count_dir_entries(const char *dir, int *finals, int *temps);
 int count_final_entries(const char *dir);
 

@@ -25,13 +25,14 @@ typedef struct {
 	const char *in, *out;
 	int n_experts, mp, keep_mtp, threads;
 	int bf16; /* --dtype bf16 */
+	int resume;
 } convert_args;
 
 static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " PROG " --hf-ckpt-path IN --save-path OUT --n-experts E --model-parallel N\n"
-		"                    [--dtype fp8|bf16] [--keep-mtp] [--threads T]\n"
+		"                    [--dtype fp8|bf16] [--keep-mtp] [--resume] [--threads T]\n"
 		"Converts a Hugging Face DeepSeek checkpoint into N model-parallel files\n"
 		"model{r}-mp{N}.safetensors, byte-identical to DeepSeek's convert.py, plus the\n"
 		"tokenizer files, config.json, SHA256SUMS and tensors.sha256.json.\n"
@@ -44,6 +45,9 @@ static void usage(FILE *f)
 		"                        output of dsv3-fp8-to-bf16 then dsv3-convert, in one pass\n"
 		"  --dtype fp8           tensors kept as stored (the default)\n"
 		"  --keep-mtp            keep the multi-token-prediction layer (convert.py drops it)\n"
+		"  --resume              take up an interrupted run into OUT: rank files it finished\n"
+		"                        are checked against their recorded SHA-256 and kept, the\n"
+		"                        rest written; same inputs and options required\n"
 		"  --threads T           worker threads (default: all cores)\n"
 		"  --help, --version\n");
 }
@@ -71,6 +75,7 @@ static int parse_args(int argc, char **argv, convert_args *a, dsv3_error *err)
 		{ "n-experts", required_argument, 0, 'e' },
 		{ "model-parallel", required_argument, 0, 'n' },
 		{ "keep-mtp", no_argument, 0, 'k' },
+		{ "resume", no_argument, 0, 'r' },
 		{ "dtype", required_argument, 0, 'd' },
 		{ "threads", required_argument, 0, 't' },
 		{ "help", no_argument, 0, 'h' },
@@ -88,6 +93,7 @@ static int parse_args(int argc, char **argv, convert_args *a, dsv3_error *err)
 		case 'e': rc = parse_int(optarg, "--n-experts", &a->n_experts, err); break;
 		case 'n': rc = parse_int(optarg, "--model-parallel", &a->mp, err); break;
 		case 'k': a->keep_mtp = 1; break;
+		case 'r': a->resume = 1; break;
 		case 'd': rc = parse_dtype(optarg, &a->bf16, err); break;
 		case 't': rc = parse_int(optarg, "--threads", &a->threads, err); break;
 		case 'h': usage(stdout); return -1;
@@ -243,6 +249,17 @@ static int load_config(const char *in, dsv3_config *cfg, dsv3_error *err)
 	return rc ? DSV3_EDATA : 0;
 }
 
+/* What --resume compares: the options that shape the output and the input files. */
+static int run_key(const convert_args *a, uint8_t key[32], dsv3_error *err)
+{
+	char mp[32], experts[32];
+	snprintf(mp, sizeof mp, "model-parallel=%d", a->mp);
+	snprintf(experts, sizeof experts, "n-experts=%d", a->n_experts);
+	const char *opts[] = { mp, experts, a->bf16 ? "dtype=bf16" : "dtype=fp8",
+			       a->keep_mtp ? "keep-mtp" : "drop-mtp" };
+	return resume_key(PROG, opts, sizeof opts / sizeof *opts, a->in, key, err);
+}
+
 int main(int argc, char **argv)
 {
 	convert_args a;
@@ -266,10 +283,17 @@ int main(int argc, char **argv)
 	mp_stats stats = { 0 };
 	size_t n_small = 0;
 	rc = plan_convert(&c, &cfg, &a, &p, a.bf16 ? &b : NULL, &err);
+	mp_checkpoint mc = { .in_dir = a.in, .out = a.out, .mp = a.mp, .n_experts = a.n_experts,
+			     .threads = a.threads, .config_text = b.config_text,
+			     .config_len = b.config_len, .resume = a.resume };
 	if (!rc)
-		rc = mp_write_checkpoint_config(a.in, a.out, p.t, p.n, a.mp, a.n_experts,
-						a.threads, b.config_text, b.config_len, &stats,
-						&n_small, &err);
+		rc = run_key(&a, mc.run_key, &err);
+	if (!rc)
+		rc = mp_write_checkpoint(&mc, p.t, p.n, &stats, &n_small, &err);
+	char line[160];
+	resume_describe(&stats.resumed, line, sizeof line);
+	if (*line)
+		fprintf(stderr, PROG ": %s\n", line);
 	plan_free(&p);
 	to_bf16_free(&b);
 	hf_ckpt_close(&c);

@@ -23,6 +23,7 @@
 #include "manifest.h"
 #include "out_dir.h"
 #include "progress.h"
+#include "resume.h"
 #include "py_json.h"
 #include "safetensors.h"
 #include "sha256.h"
@@ -51,10 +52,11 @@ typedef struct {
 	json_t *config; /* NULL when the input has no config.json */
 	int block_rows, block_cols;
 	out_dir out;
+	resume_log res;
 	manifest man;
 	progress bar;
 	fp8_cast_stats *stats;
-	pthread_mutex_t lock; /* out, man, bar, next_file and failed, shared by the file workers */
+	pthread_mutex_t lock; /* out, res, man, bar, next_file and failed, shared by the file workers */
 	size_t next_file;
 	int failed;
 } fp8_cast;
@@ -366,6 +368,54 @@ static int stream_file(file_worker *fw, st_writer *w, const cast_item *items, si
 	return rc;
 }
 
+/* A file an interrupted run finished: its records go to the manifest, nothing is written. */
+static int keep_file(file_worker *fw, const resume_file *k, const cast_item *items, size_t n,
+		     size_t n_scales, dsv3_error *err)
+{
+	fp8_cast *fc = fw->fc;
+	int rc = 0;
+	uint64_t bytes = 0;
+	if (manifest_add_file(&fc->man, k->name, k->sha256))
+		rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+	for (size_t i = 0; i < k->n_tensors && !rc; i++) {
+		const manifest_tensor *t = &k->tensors[i];
+		uint64_t b = dtype_size(t->dtype);
+		for (int d = 0; d < t->ndim; d++)
+			b *= (uint64_t)t->shape[d];
+		bytes += b;
+		if (manifest_add_tensor(&fc->man, t->name, t->dtype, t->ndim, t->shape, t->sha256))
+			rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
+	}
+	progress_add(&fc->bar, bytes);
+	for (size_t i = 0; i < n; i++)
+		fw->stats.dequantised += items[i].scale != NULL;
+	fw->stats.tensors += k->n_tensors;
+	fw->stats.scales_dropped += n_scales;
+	fw->stats.bytes_out += bytes;
+	return rc;
+}
+
+/* Moves a written file to its finished name, with its tensors, for --resume. */
+static int finish_file(fp8_cast *fc, const char *name, const uint8_t file_sha[32],
+		       const cast_item *items, size_t n, uint8_t (*sha)[32], dsv3_error *err)
+{
+	manifest_tensor *t = calloc(n + 1, sizeof *t);
+	if (!t)
+		return dsv3_fail(err, DSV3_EIO, "%s: out of memory", name);
+	for (size_t i = 0; i < n; i++) {
+		t[i].name = (char *)items[i].spec.name;
+		t[i].dtype = items[i].spec.dtype;
+		t[i].ndim = items[i].spec.ndim;
+		memcpy(t[i].shape, items[i].spec.shape, sizeof t[i].shape);
+		memcpy(t[i].sha256, sha[i], 32);
+	}
+	pthread_mutex_lock(&fc->lock);
+	int rc = resume_finish(&fc->res, name, file_sha, t, n, err);
+	pthread_mutex_unlock(&fc->lock);
+	free(t);
+	return rc;
+}
+
 static int cast_file(file_worker *fw, size_t f, dsv3_error *err)
 {
 	fp8_cast *fc = fw->fc;
@@ -375,6 +425,16 @@ static int cast_file(file_worker *fw, size_t f, dsv3_error *err)
 	int rc = plan_file(fc, f, &items, &n, err);
 	if (rc)
 		return rc;
+	const resume_file *kept;
+	pthread_mutex_lock(&fc->lock);
+	rc = resume_take(&fc->res, name, &kept, err);
+	if (!rc && kept)
+		rc = keep_file(fw, kept, items, n, fc->ckpt.files[f].n_tensors - n, err);
+	pthread_mutex_unlock(&fc->lock);
+	if (rc || kept) {
+		free(items);
+		return rc;
+	}
 	fw->stats.scales_dropped += fc->ckpt.files[f].n_tensors - n;
 	st_spec *specs = calloc(n + 1, sizeof *specs);
 	uint8_t(*sha)[32] = calloc(n + 1, sizeof *sha);
@@ -408,6 +468,8 @@ static int cast_file(file_worker *fw, size_t f, dsv3_error *err)
 	}
 	if (!rc)
 		rc = add_file_to_manifest(fc, name, file_sha, items, n, sha, err);
+	if (!rc)
+		rc = finish_file(fc, name, file_sha, items, n, sha, err);
 	st_writer_abort(w);
 	free(specs);
 	free(sha);
@@ -623,6 +685,13 @@ static int write_output(fp8_cast *fc, dsv3_error *err)
 	int rc = out_dir_open(&fc->out, fc->opt->out_dir, err);
 	if (rc)
 		return rc;
+	uint8_t key[32];
+	rc = resume_key("dsv3-fp8-to-bf16", NULL, 0, fc->opt->in_dir, key, err);
+	if (!rc)
+		rc = resume_open(&fc->res, &fc->out, key, fc->opt->resume, fc->opt->threads, err);
+	fc->stats->resumed = fc->res.stats;
+	if (rc)
+		return rc;
 	progress_start(&fc->bar, "fp8-to-bf16", output_bytes(fc));
 	rc = cast_files(fc, err);
 	progress_end(&fc->bar);
@@ -636,6 +705,9 @@ static int write_output(fp8_cast *fc, dsv3_error *err)
 		rc = manifest_write(&fc->man, &fc->out, err);
 	if (!rc)
 		rc = out_dir_commit(&fc->out, err);
+	if (!rc)
+		rc = resume_complete(&fc->res, err);
+	fc->stats->resumed = fc->res.stats;
 	return rc;
 }
 
@@ -654,8 +726,10 @@ int fp8_cast_run(const fp8_cast_options *opt, problem_list *problems, fp8_cast_s
 	if (!rc)
 		rc = write_output(&fc, err);
 	stats->seconds = now_seconds() - t0;
-	if (fc.out.dir)
+	if (fc.out.dir) {
+		resume_close(&fc.res);
 		out_dir_close(&fc.out);
+	}
 	pthread_mutex_destroy(&fc.lock);
 	manifest_free(&fc.man);
 	if (fc.config)

@@ -7,17 +7,20 @@
 #include <stdint.h>
 #include "error.h"
 #include "problems.h"
+#include "resume.h"
 
 typedef struct {
 	const char *in_dir;
 	const char *out_dir;
 	int threads; /* <= 0: all cores */
+	int resume;  /* keep the verified files of an interrupted run into out_dir (resume.h) */
 } fp8_cast_options;
 
 typedef struct {
 	size_t files, tensors, dequantised, scales_dropped, other_files;
 	uint64_t bytes_out;
 	double seconds;
+	resume_stats resumed;
 } fp8_cast_stats;
 
 /* Runs the whole cast. On a bad input every problem goes to `problems` before anything is

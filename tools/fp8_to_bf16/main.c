@@ -13,7 +13,8 @@
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: " PROG " --input-fp8-hf-path IN --output-bf16-hf-path OUT [--threads T]\n"
+		"usage: " PROG " --input-fp8-hf-path IN --output-bf16-hf-path OUT [--resume]\n"
+		"                        [--threads T]\n"
 		"\n"
 		"Dequantises every F8_E4M3 weight of the Hugging Face checkpoint IN by its block scale\n"
 		"(bf16(float(fp8) * weight_scale_inv[r/128][c/128]), as DeepSeek's fp8_cast_bf16.py)\n"
@@ -24,6 +25,9 @@ static void usage(FILE *f)
 		"\n"
 		"  -i, --input-fp8-hf-path IN     FP8 checkpoint (model.safetensors.index.json + files)\n"
 		"  -o, --output-bf16-hf-path OUT  output directory (created if needed)\n"
+		"      --resume                   take up an interrupted run into OUT: files it\n"
+		"                                 finished are checked against their recorded\n"
+		"                                 SHA-256 and kept, the rest written (same input)\n"
 		"  -t, --threads T                worker threads (default: all cores)\n"
 		"  -h, --help                     this help\n"
 		"  -V, --version                  print the version\n"
@@ -37,6 +41,7 @@ static int parse_args(int argc, char **argv, fp8_cast_options *opt, int *done)
 		{ "input-fp8-hf-path", required_argument, NULL, 'i' },
 		{ "output-bf16-hf-path", required_argument, NULL, 'o' },
 		{ "threads", required_argument, NULL, 't' },
+		{ "resume", no_argument, NULL, 'r' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -48,6 +53,7 @@ static int parse_args(int argc, char **argv, fp8_cast_options *opt, int *done)
 		switch (c) {
 		case 'i': opt->in_dir = optarg; break;
 		case 'o': opt->out_dir = optarg; break;
+		case 'r': opt->resume = 1; break;
 		case 't':
 			if (cli_parse_int(optarg, "--threads", 1, 4096, &opt->threads, &err))
 				return dsv3_report(PROG, &err);
@@ -88,6 +94,10 @@ int main(int argc, char **argv)
 	fp8_cast_stats stats;
 	dsv3_error err = { 0 };
 	rc = fp8_cast_run(&opt, &problems, &stats, &err);
+	char line[160];
+	resume_describe(&stats.resumed, line, sizeof line);
+	if (*line)
+		fprintf(stderr, PROG ": %s\n", line);
 	problem_list_report(&problems, PROG);
 	problem_list_free(&problems);
 	if (rc)

@@ -25,13 +25,14 @@
 typedef struct {
 	const char *in, *out;
 	int mp, n_experts, threads;
+	int resume;
 } shard_args;
 
 static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: " PROG " --input IN --save-path OUT --model-parallel M [--n-experts E]\n"
-		"                  [--threads T]\n"
+		"                  [--resume] [--threads T]\n"
 		"Reshards a converted checkpoint (model{r}-mp{N}.safetensors, any N) into M ranks,\n"
 		"byte-identical to dsv3-convert --model-parallel M of the original; M = 1 merges.\n"
 		"Copies config.json and the tokenizer files; writes SHA256SUMS and tensors.sha256.json.\n"
@@ -39,6 +40,9 @@ static void usage(FILE *f)
 		"  --save-path OUT       output directory (nothing appears unless all succeeds)\n"
 		"  --model-parallel M    number of output ranks\n"
 		"  --n-experts E         routed experts (default: config.json, else counted)\n"
+		"  --resume              take up an interrupted run into OUT: rank files it finished\n"
+		"                        are checked against their recorded SHA-256 and kept, the\n"
+		"                        rest written; same inputs and options required\n"
 		"  --threads T           worker threads (default: all cores)\n"
 		"  --help, --version\n");
 }
@@ -58,6 +62,7 @@ static int parse_args(int argc, char **argv, shard_args *a, dsv3_error *err)
 		{ "model-parallel", required_argument, 0, 'n' },
 		{ "n-experts", required_argument, 0, 'e' },
 		{ "threads", required_argument, 0, 't' },
+		{ "resume", no_argument, 0, 'r' },
 		{ "help", no_argument, 0, 'h' },
 		{ "version", no_argument, 0, 'V' },
 		{ 0, 0, 0, 0 },
@@ -77,6 +82,7 @@ static int parse_args(int argc, char **argv, shard_args *a, dsv3_error *err)
 				rc = dsv3_fail(err, DSV3_EUSAGE, "--n-experts must be >= 0");
 			break;
 		case 't': rc = parse_int(optarg, "--threads", &a->threads, err); break;
+		case 'r': a->resume = 1; break;
 		case 'h': usage(stdout); return -1;
 		case 'V': cli_print_version(PROG); return -1;
 		default: return cli_bad_option(argv, err);
@@ -433,6 +439,16 @@ static double now_seconds(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* What --resume compares: the options that shape the output and the input files. */
+static int run_key(int mp, int n_experts, const char *in, uint8_t key[32], dsv3_error *err)
+{
+	char m[32], e[32];
+	snprintf(m, sizeof m, "model-parallel=%d", mp);
+	snprintf(e, sizeof e, "n-experts=%d", n_experts);
+	const char *opts[] = { m, e };
+	return resume_key(PROG, opts, 2, in, key, err);
+}
+
 int main(int argc, char **argv)
 {
 	shard_args a;
@@ -453,9 +469,16 @@ int main(int argc, char **argv)
 	mp_stats stats = { 0 };
 	size_t n_small = 0;
 	rc = plan_shard(&a, &rf, &p, &n_experts, &err);
+	mp_checkpoint mc = { .in_dir = a.in, .out = a.out, .mp = a.mp, .n_experts = n_experts,
+			     .threads = a.threads, .resume = a.resume };
 	if (!rc)
-		rc = mp_write_checkpoint(a.in, a.out, p.t, p.n, a.mp, n_experts, a.threads, &stats,
-					 &n_small, &err);
+		rc = run_key(a.mp, n_experts, a.in, mc.run_key, &err);
+	if (!rc)
+		rc = mp_write_checkpoint(&mc, p.t, p.n, &stats, &n_small, &err);
+	char line[160];
+	resume_describe(&stats.resumed, line, sizeof line);
+	if (*line)
+		fprintf(stderr, PROG ": %s\n", line);
 	plan_free(&p);
 	rank_files_close(&rf);
 	if (rc)
