@@ -203,26 +203,47 @@ static void find_finished(const char *out, finished_files *f)
 	closedir(d);
 }
 
-/* The uninterrupted run into `ref`; a run killed after `kill_after` files into `out`; checks
- * what the kill left (no final name, `kill_after` finished files, the journal) and links each
- * finished file from `links` (a directory). */
-static void kill_part_way(const tool_run *run, const char *ref, const char *out, int kill_after,
-			  const char *links, finished_files *f)
+/* A run killed part-way, beside the uninterrupted one. */
+typedef struct {
+	const char *ref, *out, *err;
+	finished_files done;
+} killed_run;
+
+/* The uninterrupted run into k->ref; a run killed after `kill_after` files into k->out; checks
+ * what the kill left (no final name, `kill_after` finished files, the journal) and hard-links
+ * each finished file, so its inode cannot be reused. */
+static void kill_part_way(fixture *fx, const tool_run *run, int kill_after, killed_run *k)
 {
+	k->ref = fresh_path(fx->root, "ref");
+	k->out = fresh_path(fx->root, "out");
+	k->err = fresh_path(fx->root, "err.txt");
+	const char *links = fresh_path(fx->root, "links");
 	int st;
-	run_to(run, ref, NULL, 0, NULL, &st);
+	run_to(run, k->ref, NULL, 0, NULL, &st);
 	assert_exit(st, 0);
-	run_to(run, out, NULL, kill_after, NULL, &st);
+	run_to(run, k->out, NULL, kill_after, NULL, &st);
 	assert_killed(st);
-	assert_int_equal(count_final_entries(out), 0);
-	find_finished(out, f);
+	assert_int_equal(count_final_entries(k->out), 0);
+	finished_files *f = &k->done;
+	find_finished(k->out, f);
 	assert_int_equal(f->n, kill_after);
-	assert_true(path_exists(path_in(out, ".dsv3-resume")));
+	assert_true(path_exists(path_in(k->out, ".dsv3-resume")));
 	mkdir(links, 0777);
 	for (int i = 0; i < f->n; i++) {
 		snprintf(f->link[i], sizeof f->link[i], "%s/%d", links, i);
-		assert_int_equal(link(done_path(out, f->name[i]), f->link[i]), 0);
+		assert_int_equal(link(done_path(k->out, f->name[i]), f->link[i]), 0);
 	}
+}
+
+/* Runs it again with `extra` (NULL: none): exit 0, stderr holding `says`, the same files as the
+ * uninterrupted run. */
+static void finish_run(const tool_run *run, const killed_run *k, const char *extra, const char *says)
+{
+	int st;
+	run_to(run, k->out, extra, 0, k->err, &st);
+	assert_exit(st, 0);
+	assert_file_contains(k->err, says);
+	assert_same_dirs(k->ref, k->out);
 }
 
 static int same_file(const char *a, const char *b)
@@ -235,20 +256,14 @@ static int same_file(const char *a, const char *b)
 
 static void kill_and_resume(fixture *fx, const tool_run *run, int kill_after)
 {
-	const char *ref = fresh_path(fx->root, "ref"), *out = fresh_path(fx->root, "out");
-	const char *err = fresh_path(fx->root, "err.txt"), *links = fresh_path(fx->root, "links");
-	finished_files f;
-	kill_part_way(run, ref, out, kill_after, links, &f);
-	int st;
-	run_to(run, out, "--resume", 0, err, &st);
-	assert_exit(st, 0);
-	char want[128];
-	snprintf(want, sizeof want, "resumed: kept %d finished file%s, redid 0", kill_after,
+	killed_run k;
+	kill_part_way(fx, run, kill_after, &k);
+	char says[128];
+	snprintf(says, sizeof says, "resumed: kept %d finished file%s, redid 0", kill_after,
 		 kill_after == 1 ? "" : "s");
-	assert_file_contains(err, want);
-	assert_same_dirs(ref, out);
-	for (int i = 0; i < f.n; i++) /* kept, not written again */
-		assert_true(same_file(path_in(out, f.name[i]), f.link[i]));
+	finish_run(run, &k, "--resume", says);
+	for (int i = 0; i < k.done.n; i++) /* kept, not written again */
+		assert_true(same_file(path_in(k.out, k.done.name[i]), k.done.link[i]));
 }
 
 static tool_run convert_mp4(const fixture *fx)
@@ -297,56 +312,47 @@ static void test_resume_redoes_a_finished_file_that_changed(void **state)
 {
 	fixture *fx = *state;
 	tool_run r = convert_mp4(fx);
-	const char *ref = fresh_path(fx->root, "ref"), *out = fresh_path(fx->root, "out");
-	const char *err = fresh_path(fx->root, "err.txt");
-	finished_files done;
-	kill_part_way(&r, ref, out, 2, fresh_path(fx->root, "links"), &done);
-	FILE *f = fopen(done_path(out, done.name[1]), "r+b");
+	killed_run k;
+	kill_part_way(fx, &r, 2, &k);
+	FILE *f = fopen(done_path(k.out, k.done.name[1]), "r+b");
 	assert_non_null(f);
 	fseek(f, -1, SEEK_END);
 	int c = fgetc(f);
 	fseek(f, -1, SEEK_END);
 	fputc(c ^ 0x01, f);
 	fclose(f);
-	int st;
-	run_to(&r, out, "--resume", 0, err, &st);
-	assert_exit(st, 0);
-	assert_file_contains(err, "resumed: kept 1 finished file, redid 1");
-	assert_same_dirs(ref, out);
+	finish_run(&r, &k, "--resume", "resumed: kept 1 finished file, redid 1");
 }
 
-/* Other options or a changed input: refused, the interrupted run's files left as they were. */
+/* Resuming with r: refused, the interrupted run's finished file left as it was. */
+static void assert_resume_refused(const tool_run *r, const killed_run *k)
+{
+	int st;
+	run_to(r, k->out, "--resume", 0, k->err, &st);
+	assert_exit(st, 1);
+	assert_file_contains(k->err, "holds an interrupted run of other inputs or options");
+	assert_true(same_file(done_path(k->out, k->done.name[0]), k->done.link[0]));
+}
+
+/* Other options or a changed input: refused; with the input as it was, resumed. */
 static void test_resume_refuses_another_runs_journal(void **state)
 {
 	fixture *fx = *state;
 	tool_run r = convert_mp4(fx);
-	const char *ref = fresh_path(fx->root, "ref"), *out = fresh_path(fx->root, "out");
-	const char *err = fresh_path(fx->root, "err.txt");
-	finished_files done;
-	kill_part_way(&r, ref, out, 1, fresh_path(fx->root, "links"), &done);
+	killed_run k;
+	kill_part_way(fx, &r, 1, &k);
 	tool_run other = r;
 	other.args[7] = "2"; /* --model-parallel 2 */
-	int st;
-	run_to(&other, out, "--resume", 0, err, &st);
-	assert_exit(st, 1);
-	assert_file_contains(err, "holds an interrupted run of other inputs or options");
-	assert_true(same_file(done_path(out, done.name[0]), done.link[0]));
-	/* the same options, but an input file's time changed */
+	assert_resume_refused(&other, &k);
 	const char *input = path_in(fx->fp8, "config.json");
 	struct timespec times[2] = { { 0, UTIME_OMIT }, { 1000000000, 0 } };
 	struct stat before;
 	assert_int_equal(stat(input, &before), 0);
 	assert_int_equal(utimensat(AT_FDCWD, input, times, 0), 0);
-	run_to(&r, out, "--resume", 0, err, &st);
+	assert_resume_refused(&r, &k);
 	struct timespec back[2] = { { 0, UTIME_OMIT }, before.st_mtim };
 	assert_int_equal(utimensat(AT_FDCWD, input, back, 0), 0);
-	assert_exit(st, 1);
-	assert_file_contains(err, "holds an interrupted run of other inputs or options");
-	assert_true(same_file(done_path(out, done.name[0]), done.link[0]));
-	/* input restored: resumes */
-	run_to(&r, out, "--resume", 0, err, &st);
-	assert_exit(st, 0);
-	assert_same_dirs(ref, out);
+	finish_run(&r, &k, "--resume", "resumed: kept 1 finished file, redid 0");
 }
 
 /* Without --resume the finished files are removed and everything is written again. */
@@ -354,17 +360,11 @@ static void test_run_without_resume_starts_over(void **state)
 {
 	fixture *fx = *state;
 	tool_run r = convert_mp4(fx);
-	const char *ref = fresh_path(fx->root, "ref"), *out = fresh_path(fx->root, "out");
-	const char *err = fresh_path(fx->root, "err.txt");
-	finished_files done;
-	kill_part_way(&r, ref, out, 2, fresh_path(fx->root, "links"), &done);
-	int st;
-	run_to(&r, out, NULL, 0, err, &st);
-	assert_exit(st, 0);
-	assert_file_contains(err, "removed 2 finished files of an interrupted run");
-	assert_same_dirs(ref, out);
-	for (int i = 0; i < done.n; i++) /* written again */
-		assert_false(same_file(path_in(out, done.name[i]), done.link[i]));
+	killed_run k;
+	kill_part_way(fx, &r, 2, &k);
+	finish_run(&r, &k, NULL, "removed 2 finished files of an interrupted run");
+	for (int i = 0; i < k.done.n; i++) /* written again */
+		assert_false(same_file(path_in(k.out, k.done.name[i]), k.done.link[i]));
 }
 
 /* A kill inside the commit leaves some files under their final names: they are kept too. A
@@ -373,20 +373,14 @@ static void test_resume_survives_a_cut_commit_and_a_torn_record(void **state)
 {
 	fixture *fx = *state;
 	tool_run r = convert_mp4(fx);
-	const char *ref = fresh_path(fx->root, "ref"), *out = fresh_path(fx->root, "out");
-	const char *err = fresh_path(fx->root, "err.txt");
-	finished_files done;
-	kill_part_way(&r, ref, out, 2, fresh_path(fx->root, "links"), &done);
-	assert_int_equal(rename(done_path(out, done.name[0]), path_in(out, done.name[0])), 0);
-	FILE *j = fopen(path_in(out, ".dsv3-resume"), "a");
+	killed_run k;
+	kill_part_way(fx, &r, 2, &k);
+	assert_int_equal(rename(done_path(k.out, k.done.name[0]), path_in(k.out, k.done.name[0])), 0);
+	FILE *j = fopen(path_in(k.out, ".dsv3-resume"), "a");
 	assert_non_null(j);
 	fputs("file 0123", j);
 	fclose(j);
-	int st;
-	run_to(&r, out, "--resume", 0, err, &st);
-	assert_exit(st, 0);
-	assert_file_contains(err, "resumed: kept 2 finished files, redid 0");
-	assert_same_dirs(ref, out);
+	finish_run(&r, &k, "--resume", "resumed: kept 2 finished files, redid 0");
 }
 
 /* --resume with nothing to resume is a normal run. */
