@@ -27,6 +27,7 @@
 #include "progress.h"
 #include "safetensors.h"
 #include "sha256.h"
+#include "tensor_rules.h"
 #include "threadpool.h"
 
 #define INDEX_NAME "model.safetensors.index.json"
@@ -419,14 +420,19 @@ static void shape_text(const st_tensor *t, char *buf, size_t len)
 		snprintf(buf + o, len - o, "]");
 }
 
-/* FP8 tensors or scales mean the input is already quantised; a weight to quantise must be a
- * 2-D BF16 matrix. Every offending tensor is listed. */
+/* Tensors with no rule are refused (tensor_rules.h); FP8 tensors or scales mean the input is
+ * already quantised; a weight to quantise must be a 2-D BF16 matrix. Every offending tensor is
+ * listed. */
 static void check_tensor(const quant *q, size_t f, const st_tensor *t, problem_list *problems,
 			 size_t *quantised)
 {
 	const char *where = q->ckpt.file_names[f];
 	char shape[128];
 	shape_text(t, shape, sizeof shape);
+	/* A tensor no rule covers (V3.2-Exp's indexer, an unknown module, a stray scale) would be
+	 * copied, or quantised by its name alone: listed once, by the shared rules. */
+	if (tensor_rules_check_hf(&q->ckpt, &q->ckpt.files[f], t, 0, problems))
+		return;
 	if (t->dtype == ST_F8_E4M3 || t->dtype == ST_F8_E5M2 || ends_with(t->name, SCALE_SUFFIX)) {
 		problem_add(problems, "%s/%s: tensor %s (%s): already quantised", q->opt->in_dir,
 			    where, t->name, dtype_name(t->dtype));

@@ -17,6 +17,7 @@
 #include "out_dir.h"
 #include "hf_ckpt.h"
 #include "mp_shards.h"
+#include "tensor_rules.h"
 #include "to_bf16.h"
 
 #define PROG "dsv3-convert"
@@ -210,6 +211,8 @@ static int plan_convert(const hf_ckpt *c, const dsv3_config *cfg, const convert_
 		problem_list_free(&pr);
 		return rc;
 	}
+	/* With --dtype bf16 on FP8 input, to_bf16_prepare has checked every weight's scale. */
+	unsigned rule_flags = b && b->active ? TENSOR_RULES_OWN_SCALE_CHECK : 0;
 	if (a->n_experts != cfg->n_routed_experts)
 		problem_add(&pr, "--n-experts %d, but %s/config.json has n_routed_experts %d",
 			    a->n_experts, a->in, cfg->n_routed_experts);
@@ -218,6 +221,8 @@ static int plan_convert(const hf_ckpt *c, const dsv3_config *cfg, const convert_
 		for (size_t k = 0; k < f->n_tensors; k++) {
 			if (!a->keep_mtp && hf_layer(f->tensors[k].name) >= cfg->n_layers)
 				continue; /* convert.py: if "model.layers.61" in name: continue */
+			if (tensor_rules_check_hf(c, f, &f->tensors[k], rule_flags, &pr))
+				continue; /* no rule for it: listed, not planned */
 			if (to_bf16_drops(b, &f->tensors[k]))
 				continue; /* the cast drops every scale */
 			plan_tensor(p, f, &f->tensors[k], cfg, &pr, c, b);

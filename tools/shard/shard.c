@@ -19,6 +19,7 @@
 #include "hf_ckpt.h"
 #include "manifest.h"
 #include "mp_shards.h"
+#include "tensor_rules.h"
 
 #define PROG "dsv3-shard"
 
@@ -403,6 +404,16 @@ static void match_input_manifest(shard_plan *p, const char *in, problem_list *pr
 			    "the rank files hold %zu", in, m->n_tensors, p->n);
 }
 
+/* Every copy of a tensor against the rules of tensor_rules.h, in its own rank file (a weight's
+ * scale shares the file); the number of problems added. */
+static size_t check_rules(const rank_entry *e, size_t k, const rank_files *rf, problem_list *pr)
+{
+	size_t n = 0;
+	for (size_t i = 0; i < k; i++)
+		n += tensor_rules_check_converted(&rf->files[e[i].rank], e[i].t, pr);
+	return n;
+}
+
 static int plan_shard(const shard_args *a, const rank_files *rf, shard_plan *p, int *n_experts,
 		      dsv3_error *err)
 {
@@ -420,7 +431,8 @@ static int plan_shard(const shard_args *a, const rank_files *rf, shard_plan *p, 
 		size_t k = 1;
 		while (i + k < p->n_entries && !strcmp(p->entries[i].name, p->entries[i + k].name))
 			k++;
-		plan_group(p, &p->entries[i], k, rf, *n_experts, &pr);
+		if (!check_rules(&p->entries[i], k, rf, &pr))
+			plan_group(p, &p->entries[i], k, rf, *n_experts, &pr);
 		i += k;
 	}
 	match_input_manifest(p, a->in, &pr);
