@@ -26,7 +26,7 @@
 #include "tensor_rules.h"
 
 #ifndef FP8_CAST_CALLS_TENSOR_RULES
-#define FP8_CAST_CALLS_TENSOR_RULES 0
+#define FP8_CAST_CALLS_TENSOR_RULES 1
 #endif
 #ifndef PLAN_CALLS_TENSOR_RULES
 #define PLAN_CALLS_TENSOR_RULES 0
@@ -542,6 +542,18 @@ static void test_tools_refuse_fp8_weight_without_scale(void **state)
 	check_mp2_case(fx, edited_mp2(fx, "b-mp2", mp, N_OF(mp)), mp_names, N_OF(mp_names));
 }
 
+/* A scale left beside a weight that is not FP8 (a weight cast to BF16 with its scale kept:
+ * fp8_cast_bf16.py drops it from the file and keeps it in the index): every tool refuses it. */
+static void test_tools_refuse_a_scale_whose_weight_is_not_fp8(void **state)
+{
+	fixture *fx = *state;
+	static const edit bf16[] = { ADD2(W2 "_scale_inv", ST_F32, 1, 1, 0) };
+	static const char *const names[] = { W2 "_scale_inv" };
+	const char *dir = edited_hf(fx, fx->bf16, "s-bf16", bf16, N_OF(bf16));
+	check_fp8_case(fx, dir, names, N_OF(names), 1);
+	check_bf16_case(fx, dir, names, N_OF(names));
+}
+
 /* ---- (c) scales under names the tools do not know ---- */
 
 static void test_tools_refuse_scales_under_unknown_names(void **state)
@@ -629,6 +641,7 @@ int main(void)
 		cmocka_unit_test(test_tools_refuse_v32_indexer),
 		cmocka_unit_test(test_fp8_to_bf16_casts_v32_indexer),
 		cmocka_unit_test(test_tools_refuse_fp8_weight_without_scale),
+		cmocka_unit_test(test_tools_refuse_a_scale_whose_weight_is_not_fp8),
 		cmocka_unit_test(test_tools_refuse_scales_under_unknown_names),
 		cmocka_unit_test(test_tools_refuse_unknown_module_names),
 	};

@@ -27,6 +27,7 @@
 #include "py_json.h"
 #include "safetensors.h"
 #include "sha256.h"
+#include "tensor_rules.h"
 #include "threadpool.h"
 #include "write_pipe.h"
 
@@ -207,13 +208,18 @@ static int check_input(fp8_cast *fc, problem_list *problems, dsv3_error *err)
 			    !ends_with(sf->tensors[i].name, SCALE_SUFFIX))
 				check_fp8_weight(fc, f, &sf->tensors[i], problems, &missing);
 	}
+	/* By dtype, as fp8_cast_bf16.py works, so any module is cast (V3.2-Exp's indexer too); the
+	 * scale and 1-byte rules still hold (a weight_scale, an F8_E5M2, a scale without its FP8
+	 * weight). The scales of F8 weights were checked above. */
+	tensor_rules_check_hf_ckpt(&fc->ckpt, TENSOR_RULES_ANY_MODULE | TENSOR_RULES_OWN_SCALE_CHECK,
+				   problems);
 	if (problem_list_exit_code(problems) == DSV3_OK)
 		return 0;
 	if (missing)
 		return dsv3_fail(err, DSV3_EDATA,
 				 "%s: %zu problem(s), %zu F8_E4M3 weight(s) without a scale; nothing written",
 				 fc->opt->in_dir, problems->n, missing);
-	return dsv3_fail(err, DSV3_EDATA, "%s: %zu problem(s) with FP8 weights; nothing written",
+	return dsv3_fail(err, DSV3_EDATA, "%s: %zu problem(s) with its tensors; nothing written",
 			 fc->opt->in_dir, problems->n);
 }
 
