@@ -1,6 +1,7 @@
 /* dsv3-plan: the weight bytes per rank against the files dsv3-convert really writes (their
  * headers read back here), the KV cache from the config's numbers, --config against
- * --ckpt-path, the fewest GPUs, dsv3-convert's peak RSS against the plan, and the refusals. */
+ * --ckpt-path, the fewest GPUs, the tools' peak RSS against the plan's peak RAM, and the
+ * refusals. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -200,30 +201,177 @@ static void test_plan_fewest_gpus_is_the_smallest_split_that_fits(void **state)
 	json_decref(j);
 }
 
-/* Peak RSS of dsv3-convert (GNU time's %M, KiB) is at most the plan's figure: an upper bound,
- * not a figure within 10% (measured 8% under it at mp 1, 24-31% under at mp 2 and 4 here;
- * docs/tools.md). */
-static void test_plan_convert_peak_ram_bounds_measured_rss(void **state)
+/* ---- peak RAM against peak RSS ----
+ * GNU time's %M (the kernel's ru_maxrss, KiB) of the real tools on synthetic checkpoints of a
+ * few hundred MB (make_wide), where the buffers and input windows, not the binary, make up the
+ * peak. Skipped under ASan, whose shadow memory and quarantine inflate RSS. */
+#if defined(__SANITIZE_ADDRESS__)
+#define RSS_MEANINGFUL 0
+#else
+#define RSS_MEANINGFUL 1
+#endif
+
+static void skip_under_sanitizer(void)
+{
+	if (!RSS_MEANINGFUL) {
+		print_message("skipped: peak RSS is not meaningful under ASan\n");
+		skip();
+	}
+}
+
+/* tiny's config.json widened (hidden 1024, 16 experts) with `vocab` and `layers`, into
+ * root/name, once: "mid" (vocab 32768, 3 layers, MTP: 376 MB, no tensor over 64 MiB) and
+ * "wide" (vocab 131072, 2 layers: 552 MB, embedding and head 256 MiB each). */
+static const char *make_wide(const fixture *fx, const char *name, int vocab, int layers,
+			     const char *extra)
+{
+	static char dir[2][160];
+	char *d = dir[strcmp(name, "mid") != 0];
+	snprintf(d, sizeof dir[0], "%s/%s", fx->root, name);
+	if (path_exists(d))
+		return d;
+	json_error_t e;
+	json_t *c = json_load_file(path_in(fx->tiny, "config.json"), 0, &e);
+	assert_non_null(c);
+	const struct {
+		const char *key;
+		int value;
+	} widths[] = { { "vocab_size", vocab },	      { "num_hidden_layers", layers },
+		       { "hidden_size", 1024 },	      { "intermediate_size", 2048 },
+		       { "moe_intermediate_size", 512 }, { "num_attention_heads", 16 },
+		       { "num_key_value_heads", 16 }, { "q_lora_rank", 384 },
+		       { "kv_lora_rank", 256 } };
+	for (size_t i = 0; i < sizeof widths / sizeof *widths; i++)
+		json_object_set_new(c, widths[i].key, json_integer(widths[i].value));
+	const char *cfg = path_in(fx->root, "wide.json");
+	assert_int_equal(json_dump_file(c, cfg, JSON_INDENT(2)), 0);
+	json_decref(c);
+	assert_int_equal(run_noting_failure("%s/dsv3-synth --config %s --seed 1 --files 2 %s "
+					    "--out %s > /dev/null", bin_dir(), cfg, extra, d), 0);
+	return d;
+}
+
+static const char *make_mid(const fixture *fx)
+{
+	return make_wide(fx, "mid", 32768, 3, "--mtp");
+}
+
+/* Peak RSS in bytes of a command line (its stderr dropped). */
+static uint64_t peak_rss(const fixture *fx, const char *cmd)
+{
+	const char *rss = fresh_path(fx->root, "rss.txt");
+	assert_int_equal(run_noting_failure("/usr/bin/time -o %s -f %%M %s 2>/dev/null", rss, cmd),
+			 0);
+	char *text = assert_read_file(rss, NULL);
+	uint64_t kib = strtoull(text, NULL, 10);
+	free(text);
+	assert_true(kib > 0);
+	return kib * 1024;
+}
+
+typedef struct {
+	uint64_t bytes;
+	int bound;
+} planned_ram;
+
+static planned_ram plan_ram(const fixture *fx, const char *ckpt, const char *tool, int mp,
+			    int threads)
+{
+	json_t *j = plan_json(fx, "--ckpt-path %s --model-parallel %d --threads %d", ckpt, mp,
+			      threads);
+	json_t *t = json_object_get(json_object_get(j, "tools"), tool);
+	planned_ram p = { get_u64(t, "peak_ram_bytes"),
+			  json_is_true(json_object_get(t, "peak_ram_is_bound")) };
+	json_decref(j);
+	return p;
+}
+
+static void assert_within_10_percent(const char *what, uint64_t planned, uint64_t measured)
+{
+	double off = ((double)planned - (double)measured) / (double)measured;
+	print_message("%s: planned %.1f MB, measured %.1f MB (%+.1f%%)\n", what, planned / 1e6,
+		      measured / 1e6, 100 * off);
+	assert_true(off <= 0.10 && off >= -0.10);
+}
+
+/* One output rank (any --threads: one writer and one hasher), and dsv3-fp8-to-bf16 with one
+ * file in flight (--threads below 8): the plan's estimate within 10% of the peak RSS. */
+static void test_plan_peak_ram_within_10_percent_of_measured_rss(void **state)
 {
 	fixture *fx = *state;
-	for (int mp = 1; mp <= 4; mp *= 2) {
-		char name[32];
-		snprintf(name, sizeof name, "rss%d", mp);
-		const char *out = fresh_path(fx->root, name);
-		const char *rss = fresh_path(fx->root, "rss.txt");
-		assert_int_equal(run_noting_failure("/usr/bin/time -o %s -f %%M %s/dsv3-convert "
-						    "--hf-ckpt-path %s --save-path %s --n-experts 16 "
-						    "--model-parallel %d --threads 1 2>/dev/null",
-						    rss, bin_dir(), fx->tiny, out, mp), 0);
-		char *text = assert_read_file(rss, NULL);
-		uint64_t measured = strtoull(text, NULL, 10) * 1024;
-		free(text);
-		json_t *j = plan_json(fx, "--ckpt-path %s --model-parallel %d --threads 1",
-				      fx->tiny, mp);
-		uint64_t planned = tool_u64(j, "dsv3-convert", "peak_ram_bytes");
-		json_decref(j);
-		assert_true(measured > 0);
-		assert_true(measured <= planned);
+	skip_under_sanitizer();
+	const char *mid = make_mid(fx), *b = bin_dir();
+	char cmd[1024], what[64];
+	for (int threads = 1; threads <= 2; threads++) {
+		const char *conv = fresh_path(fx->root, "mid-mp1");
+		snprintf(cmd, sizeof cmd, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s "
+			 "--n-experts 16 --model-parallel 1 --threads %d", b, mid, conv, threads);
+		uint64_t measured = peak_rss(fx, cmd);
+		planned_ram p = plan_ram(fx, mid, "dsv3-convert", 1, threads);
+		assert_false(p.bound);
+		snprintf(what, sizeof what, "dsv3-convert mp 1, threads %d", threads);
+		assert_within_10_percent(what, p.bytes, measured);
+
+		const char *out = fresh_path(fx->root, "mid-shard");
+		snprintf(cmd, sizeof cmd, "%s/dsv3-shard --input %s --save-path %s "
+			 "--model-parallel 1 --threads %d", b, conv, out, threads);
+		measured = peak_rss(fx, cmd);
+		p = plan_ram(fx, mid, "dsv3-shard", 1, threads);
+		assert_false(p.bound);
+		snprintf(what, sizeof what, "dsv3-shard mp 1, threads %d", threads);
+		assert_within_10_percent(what, p.bytes, measured);
+
+		out = fresh_path(fx->root, "mid-bf16");
+		snprintf(cmd, sizeof cmd, "%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s "
+			 "--output-bf16-hf-path %s --threads %d", b, mid, out, threads);
+		measured = peak_rss(fx, cmd);
+		p = plan_ram(fx, mid, "dsv3-fp8-to-bf16", 1, threads);
+		assert_false(p.bound);
+		snprintf(what, sizeof what, "dsv3-fp8-to-bf16, threads %d", threads);
+		assert_within_10_percent(what, p.bytes, measured);
+	}
+	remove_tree(fresh_path(fx->root, "mid-mp1"));
+	const char *wide = make_wide(fx, "wide", 131072, 2, "");
+	for (int threads = 1; threads <= 2; threads++) {
+		const char *out = fresh_path(fx->root, "wide-bf16");
+		snprintf(cmd, sizeof cmd, "%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s "
+			 "--output-bf16-hf-path %s --threads %d", b, wide, out, threads);
+		uint64_t measured = peak_rss(fx, cmd);
+		planned_ram p = plan_ram(fx, wide, "dsv3-fp8-to-bf16", 1, threads);
+		assert_false(p.bound);
+		snprintf(what, sizeof what, "dsv3-fp8-to-bf16 on wide, threads %d", threads);
+		assert_within_10_percent(what, p.bytes, measured);
+	}
+	remove_tree(fresh_path(fx->root, "wide-bf16"));
+}
+
+static void assert_convert_within_bound(const fixture *fx, const char *ckpt, int mp, int threads)
+{
+	const char *out = fresh_path(fx->root, "convert-bound");
+	char cmd[1024];
+	snprintf(cmd, sizeof cmd, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts 16 "
+		 "--model-parallel %d --threads %d", bin_dir(), ckpt, out, mp, threads);
+	uint64_t measured = peak_rss(fx, cmd);
+	planned_ram p = plan_ram(fx, ckpt, "dsv3-convert", mp, threads);
+	print_message("dsv3-convert mp %d, threads %d: bound %.1f MB, measured %.1f MB\n", mp,
+		      threads, p.bytes / 1e6, measured / 1e6);
+	assert_true(p.bound);
+	assert_true(measured <= p.bytes);
+	remove_tree(out);
+}
+
+/* Several output ranks, or a tensor over 64 MiB: which writer and hasher threads hold their
+ * largest input windows at the same moment depends on timing, so the plan gives the sum of
+ * them all, flagged as a bound; the measured peak is at most that. */
+static void test_plan_peak_ram_bounds_measured_rss_when_threads_interleave(void **state)
+{
+	fixture *fx = *state;
+	skip_under_sanitizer();
+	const char *mid = make_mid(fx), *wide = make_wide(fx, "wide", 131072, 2, "");
+	for (int threads = 1; threads <= 2; threads++) {
+		for (int mp = 2; mp <= 4; mp *= 2)
+			assert_convert_within_bound(fx, mid, mp, threads);
+		assert_convert_within_bound(fx, wide, 1, threads);
 	}
 }
 
@@ -266,7 +414,8 @@ int main(void)
 		cmocka_unit_test(test_plan_config_agrees_with_checkpoint),
 		cmocka_unit_test(test_plan_kv_cache_from_config_numbers),
 		cmocka_unit_test(test_plan_fewest_gpus_is_the_smallest_split_that_fits),
-		cmocka_unit_test(test_plan_convert_peak_ram_bounds_measured_rss),
+		cmocka_unit_test(test_plan_peak_ram_within_10_percent_of_measured_rss),
+		cmocka_unit_test(test_plan_peak_ram_bounds_measured_rss_when_threads_interleave),
 		cmocka_unit_test(test_plan_refuses_a_split_convert_refuses),
 		cmocka_unit_test(test_plan_usage_errors),
 	};

@@ -47,11 +47,12 @@ static uint64_t shape_bytes(st_dtype d, int ndim, const int64_t *shape)
 }
 
 /* Adds one input tensor; the ones convert writes also go to m->t, unknown names to pr. */
-static void add_tensor(plan_model *m, const char *name, st_dtype dtype, int ndim,
+static void add_tensor(plan_model *m, int file, const char *name, st_dtype dtype, int ndim,
 		       const int64_t *shape, problem_list *pr)
 {
 	plan_tensor *a = &m->all[m->n_all++];
 	memset(a, 0, sizeof *a);
+	a->file = file;
 	snprintf(a->hf, sizeof a->hf, "%s", name);
 	a->dtype = dtype;
 	a->ndim = ndim;
@@ -73,11 +74,12 @@ static void add_tensor(plan_model *m, const char *name, st_dtype dtype, int ndim
 	m->t[m->n++] = *a;
 }
 
-static int alloc_tensors(plan_model *m, size_t n, dsv3_error *err)
+static int alloc_tensors(plan_model *m, size_t n, size_t files, dsv3_error *err)
 {
 	m->t = calloc(n ? n : 1, sizeof *m->t);
 	m->all = calloc(n ? n : 1, sizeof *m->all);
-	if (!m->t || !m->all)
+	m->file_header_bytes = calloc(files ? files : 1, sizeof *m->file_header_bytes);
+	if (!m->t || !m->all || !m->file_header_bytes)
 		return dsv3_fail(err, DSV3_EIO, "out of memory");
 	return 0;
 }
@@ -107,13 +109,14 @@ int plan_from_ckpt(plan_model *m, const char *dir, dsv3_error *err)
 	for (size_t i = 0; i < c.n_files; i++)
 		total += c.files[i].n_tensors;
 	problem_list pr = { 0 };
-	rc = alloc_tensors(m, total, err);
+	rc = alloc_tensors(m, total, c.n_files, err);
 	for (size_t i = 0; i < c.n_files && !rc; i++) {
 		const st_file *f = &c.files[i];
+		m->file_header_bytes[i] = 8 + f->header_len;
 		m->input_header_bytes += 8 + f->header_len;
 		for (size_t k = 0; k < f->n_tensors; k++) {
 			const st_tensor *t = &f->tensors[k];
-			add_tensor(m, t->name, t->dtype, t->ndim, t->shape, &pr);
+			add_tensor(m, (int)i, t->name, t->dtype, t->ndim, t->shape, &pr);
 			m->all[m->n_all - 1].nbytes = t->nbytes;
 		}
 	}
@@ -138,9 +141,9 @@ int plan_from_config(plan_model *m, const char *path, dsv3_error *err)
 	if ((rc = model_layout(&m->cfg, 1, &lt, &n)))
 		return dsv3_fail(err, rc, "%s: cannot lay out the model of this config", path);
 	problem_list pr = { 0 };
-	rc = alloc_tensors(m, n, err);
+	rc = alloc_tensors(m, n, 1, err);
 	for (size_t i = 0; i < n && !rc; i++)
-		add_tensor(m, lt[i].name, lt[i].dtype, lt[i].ndim, lt[i].shape, &pr);
+		add_tensor(m, 0, lt[i].name, lt[i].dtype, lt[i].ndim, lt[i].shape, &pr);
 	free(lt);
 	if (rc) {
 		problem_list_free(&pr);
@@ -167,7 +170,7 @@ int plan_from_config(plan_model *m, const char *path, dsv3_error *err)
 		return rc;
 	}
 	free(json);
-	m->input_header_bytes = 8 + len;
+	m->input_header_bytes = m->file_header_bytes[0] = 8 + len;
 	m->n_input_files = 1;
 	return finish(m, &pr, err);
 }
@@ -176,7 +179,9 @@ void plan_free(plan_model *m)
 {
 	free(m->t);
 	free(m->all);
+	free(m->file_header_bytes);
 	m->t = m->all = NULL;
+	m->file_header_bytes = NULL;
 }
 
 int plan_check_split(const plan_model *m, int mp, dsv3_error *err)
@@ -319,77 +324,321 @@ uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len)
 	return 4 * (floats + ints + att) + bytes;
 }
 
-/* ---- the tools' memory and disk ---- */
+/* ---- the tools' peak RAM ----
+ *
+ * A tool's peak RSS (what /usr/bin/time -f %M reports) is modelled as
+ *   BASE_RSS                the program, libc, libcrypto, thread stacks and small heap,
+ *                           measured once (below);
+ * + 2 x input headers       their mapped pages and the parsed tensor list;
+ * + anonymous buffers       st_writer's two ST_WRITE_BUF buffers, resident only as far as small
+ *                           writes have been copied into them (simulated with the same rule as
+ *                           lib/safetensors.c put_bytes), and dsv3-fp8-to-bf16's pipe buffers;
+ * + input pages mapped      from the fault that maps them to the madvise(MADV_DONTNEED) that
+ *                           drops them, plus FOLIO: a fault on a file mapping maps the whole
+ *                           page-cache folio around it (up to 2 MiB on ext4 and xfs).
+ * Where the tool does one thing after another (dsv3-convert and dsv3-shard with one output
+ * rank and no tensor over MP_RELEASE_EVERY; dsv3-fp8-to-bf16 with one file in flight) the
+ * model follows that sequence tensor by tensor and takes its maximum: an estimate, within 10%
+ * of the measured peak in tests/test_plan.c. Where several threads walk the input at once, each
+ * dropping pages on its own schedule, which of them hold their largest windows at the same
+ * moment depends on timing (the same command's peak varies by 40-60% from run to run); there
+ * the figure is every thread's largest window at once, with a folio left mapped at each drop:
+ * an upper bound, flagged as such. Not modelled: the pages faults map back next to ranges
+ * already dropped (st_release drops whole pages, not folios), about 10 MB on a 140 MB file of
+ * small tensors, kept until the file is unmapped. */
 
 /* lib/mp_shards.c: 16 MiB per write/hash call, input pages dropped every 64 MiB touched. */
 #define MP_CHUNK (16ull << 20)
 #define MP_RELEASE_EVERY (64ull << 20)
 #define ST_WRITE_BUF (8ull << 20) /* lib/safetensors.c: each writer has two */
-/* tools/fp8_to_bf16: 16 MiB dequantised per step, 3 pipe buffers, 4 threads per file. */
+/* tools/fp8_to_bf16: 16 MiB dequantised per step, 3 pipe buffers, 4 threads per file, copied
+ * tensors in 8 MiB pieces through a ring of 8 slots. */
 #define CAST_CHUNK (16ull << 20)
 #define CAST_BUFFERS 3
 #define CAST_THREADS_PER_FILE 4
 #define CAST_COPY_PIECE (8ull << 20)
 #define CAST_SLOTS 8
-/* What every tool holds besides its buffers: the program, libc, the parsed headers. */
-#define BASE_RSS (5ull << 20) /* measured: dsv3-convert on a 10 MB checkpoint less its input */
+#define FOLIO (2ull << 20)
+/* Measured: /usr/bin/time -f %M dsv3-convert --model-parallel 1 on the "mid" checkpoint of
+ * tests/test_plan.c (73.2 MB) less its 64 MiB input window and FOLIO; the libraries' mapped
+ * pages (libcrypto 3.3 MB, libc 1.5 MB) are most of it. */
+#define BASE_RSS (5632ull << 10)
 
-/* mp_write: min(threads, mp) writers, each with its st_writer's two ST_WRITE_BUF buffers and
- * at most RELEASE_EVERY + CHUNK bytes of its current input resident (its largest tensor when
- * that is smaller; never more than the whole input); the logical hashers walk the pages the
- * writers have reached. An upper bound: measured 8% under it for one writer on a 10 MB
- * checkpoint, 18% for one writer and 35-50% for two on a 750 MB one (docs/tools.md). */
-static uint64_t mp_write_ram(const plan_model *m, int mp, int threads)
-{
-	uint64_t writers = (uint64_t)(threads < mp ? threads : mp);
-	uint64_t per = MP_RELEASE_EVERY + MP_CHUNK;
-	per = per < m->largest_tensor ? per : m->largest_tensor;
-	uint64_t window = writers * per;
-	if (window > m->input_bytes)
-		window = m->input_bytes;
-	return BASE_RSS + 2 * m->input_header_bytes + writers * 2 * ST_WRITE_BUF + window;
-}
+/* The bytes st_writer holds in its two buffers: put_bytes copies a write into the current
+ * buffer when it fits; otherwise it flushes, switches buffers, and writes pieces of half a
+ * buffer or more in place. */
+typedef struct {
+	uint64_t len, touched[2];
+	int cur;
+} writer_sim;
 
-/* A dequantisation step: whole 128-row blocks of BF16, at least one, about CAST_CHUNK. */
-static uint64_t cast_buffer(const plan_model *m)
+static void writer_put(writer_sim *w, uint64_t len)
 {
-	uint64_t best = 0;
-	for (size_t i = 0; i < m->n_all; i++) {
-		const plan_tensor *t = &m->all[i];
-		if (!t->fp8_weight)
-			continue;
-		uint64_t row = (uint64_t)t->shape[1] * 2, block = row * (uint64_t)m->cfg.block_rows;
-		uint64_t step = block >= CAST_CHUNK ? block : block * (CAST_CHUNK / block);
-		uint64_t whole = row * (uint64_t)t->shape[0];
-		best = max_u(best, step < whole ? step : whole);
+	if (w->len + len > ST_WRITE_BUF) {
+		w->cur ^= 1;
+		w->len = 0;
+		if (len >= ST_WRITE_BUF / 2)
+			return;
 	}
-	return best;
+	w->len += len;
+	w->touched[w->cur] = max_u(w->touched[w->cur], w->len);
 }
 
-static void cast_costs(const plan_model *m, int threads, plan_tools *o)
+static uint64_t writer_resident(const writer_sim *w)
 {
-	uint64_t out = 0, header = m->input_header_bytes, any = 0, copied = 0;
+	return w->touched[0] + w->touched[1];
+}
+
+static int cmp_layout(st_dtype da, const char *na, st_dtype db, const char *nb)
+{
+	if (da != db)
+		return da > db ? -1 : 1;
+	return strcmp(na, nb);
+}
+
+/* qsort_r: converted tensors in the writer's layout order (dtype rank descending, name). */
+static int cmp_converted(const void *x, const void *y, void *ctx)
+{
+	const plan_tensor *t = ctx, *a = &t[*(const size_t *)x], *b = &t[*(const size_t *)y];
+	return cmp_layout(a->dtype, a->cn.name, b->dtype, b->cn.name);
+}
+
+static st_dtype cast_dtype(const plan_tensor *t)
+{
+	return t->fp8_weight ? ST_BF16 : t->dtype;
+}
+
+/* qsort_r: input tensors by file, then in the cast's output layout order (FP8 becomes BF16). */
+static int cmp_cast(const void *x, const void *y, void *ctx)
+{
+	const plan_tensor *t = ctx, *a = &t[*(const size_t *)x], *b = &t[*(const size_t *)y];
+	if (a->file != b->file)
+		return a->file < b->file ? -1 : 1;
+	return cmp_layout(cast_dtype(a), a->hf, cast_dtype(b), b->hf);
+}
+
+static size_t *sorted_index(const plan_tensor *t, size_t n,
+			    int (*cmp)(const void *, const void *, void *))
+{
+	size_t *idx = malloc((n ? n : 1) * sizeof *idx);
+	if (!idx)
+		return NULL;
+	for (size_t i = 0; i < n; i++)
+		idx[i] = i;
+	qsort_r(idx, n, sizeof *idx, cmp, (void *)t);
+	return idx;
+}
+
+/* The writes mp_write makes of t on one rank of one: a run per outer index (a whole row for a
+ * tensor split along a later dim), each cut into MP_CHUNK calls. */
+static void convert_writes(const plan_tensor *t, writer_sim *w)
+{
+	uint64_t outer = 1, run = t->nbytes;
+	if (t->cn.expert < 0 && t->cn.split_dim != SPLIT_NONE) {
+		for (int i = 0; i < t->cn.split_dim && i < t->ndim; i++)
+			outer *= (uint64_t)t->shape[i];
+		run = outer ? t->nbytes / outer : 0;
+	}
+	for (uint64_t o = 0; o < outer; o++)
+		for (uint64_t off = 0; off < run; off += MP_CHUNK)
+			writer_put(w, run - off < MP_CHUNK ? run - off : MP_CHUNK);
+}
+
+/* Pages a walk of t leaves mapped: the folio at the end of its window, and at each drop every
+ * MP_RELEASE_EVERY the part of a folio before the drop's start that the next fault maps back
+ * (st_release drops whole pages of the range only). */
+static uint64_t folios_left(const plan_tensor *t)
+{
+	return FOLIO * (1 + t->nbytes / MP_RELEASE_EVERY);
+}
+
+/* One writer and one logical hasher walking the same tensors in the same order (one rank):
+ * both map the tensor they are on, at most MP_RELEASE_EVERY each (MP_CHUNK divides it). */
+static int mp_write_ram_one(const plan_model *m, uint64_t header, uint64_t *ram)
+{
+	size_t *idx = sorted_index(m->t, m->n, cmp_converted);
+	if (!idx)
+		return -1;
+	writer_sim w = { 0 };
+	writer_put(&w, 8);
+	writer_put(&w, header);
+	uint64_t peak = 0;
+	for (size_t k = 0; k < m->n; k++) {
+		const plan_tensor *t = &m->t[idx[k]];
+		/* on a tensor over MP_RELEASE_EVERY, two windows apart, each with its folios */
+		uint64_t two = 2 * MP_RELEASE_EVERY;
+		uint64_t window = t->nbytes <= MP_RELEASE_EVERY ? t->nbytes + FOLIO
+				  : (t->nbytes < two ? t->nbytes : two) + 2 * folios_left(t);
+		convert_writes(t, &w);
+		peak = max_u(peak, writer_resident(&w) + window);
+	}
+	free(idx);
+	*ram = BASE_RSS + 2 * m->input_header_bytes + peak;
+	return 0;
+}
+
+/* The pages one thread can hold while walking t: a hasher the whole tensor, a writer its rank's
+ * slice, whose rows' pages span the whole tensor when it is split along a later dim; dropped
+ * every MP_RELEASE_EVERY bytes walked (a call of MP_CHUNK may cross that). */
+static uint64_t walker_window(const plan_tensor *t, int mp)
+{
+	uint64_t walk = MP_RELEASE_EVERY + MP_CHUNK, span = t->nbytes;
+	int split = t->cn.expert < 0 && t->cn.split_dim != SPLIT_NONE;
+	if (split && t->cn.split_dim > 0)
+		walk *= (uint64_t)mp;
+	return (span < walk ? span : walk) + folios_left(t);
+}
+
+/* mp_write with W = min(threads, mp) writers and W hashers: 2W pool threads, each walking one
+ * tensor at a time; every thread that has run a writer may keep its two buffers in its malloc
+ * arena after the file is done. An upper bound. */
+static uint64_t mp_write_ram_bound(const plan_model *m, int mp, int threads)
+{
+	uint64_t writers = (uint64_t)(threads < mp ? threads : mp), window = 0;
+	for (size_t i = 0; i < m->n; i++)
+		window = max_u(window, walker_window(&m->t[i], mp));
+	uint64_t arenas = 2 * writers < (uint64_t)mp ? 2 * writers : (uint64_t)mp;
+	return BASE_RSS + 2 * m->input_header_bytes + arenas * 2 * ST_WRITE_BUF +
+	       2 * writers * window;
+}
+
+/* One rank is one sequence only while the writer and the hasher each see a tensor whole
+ * (none over MP_RELEASE_EVERY): on a larger one each drops its pages on its own schedule. */
+static int mp_write_ram(const plan_model *m, int mp, int threads, uint64_t *ram, int *bound,
+			dsv3_error *err)
+{
+	uint64_t largest = 0;
+	for (size_t i = 0; i < m->n; i++)
+		largest = max_u(largest, m->t[i].nbytes);
+	*bound = mp > 1 || largest > MP_RELEASE_EVERY;
+	if (mp > 1) {
+		*ram = mp_write_ram_bound(m, mp, threads);
+		return 0;
+	}
+	uint64_t file, w;
+	int rc = plan_rank_file_bytes(m, 1, 0, &file, err);
+	if (rc)
+		return rc;
+	plan_rank_weights(m, 1, &w);
+	if (mp_write_ram_one(m, file - 8 - w, ram))
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	return 0;
+}
+
+/* The cast's pipe: the pieces in its PIPE_SLOTS slots, the input bytes each holds (copied
+ * tensors are pieces of the input mapping, dropped when both consumers are done; dequantised
+ * chunks live in the pipe buffers). The consumers are the slow side, so the ring runs full. */
+typedef struct {
+	uint64_t ring[CAST_SLOTS];
+	size_t head;
+	uint64_t buffers[CAST_BUFFERS];
+	int next_buffer;
+	writer_sim w;
+	uint64_t writer_max; /* writer buffers freed per file stay in the worker's malloc arena */
+	uint64_t peak;
+} cast_sim;
+
+static uint64_t ring_bytes(const cast_sim *c)
+{
+	uint64_t sum = 0;
+	for (int i = 0; i < CAST_SLOTS; i++)
+		sum += c->ring[i];
+	return sum;
+}
+
+/* The producer holds `input` bytes of the mapping (a piece prefaulted, or the FP8 rows being
+ * dequantised) while the ring is full; then pushes a piece holding `kept` of them. */
+static void cast_step(cast_sim *c, uint64_t input, uint64_t kept, uint64_t written)
+{
+	writer_put(&c->w, written);
+	c->writer_max = max_u(c->writer_max, writer_resident(&c->w));
+	uint64_t buffers = 0;
+	for (int b = 0; b < CAST_BUFFERS; b++)
+		buffers += c->buffers[b];
+	c->peak = max_u(c->peak, c->writer_max + buffers + ring_bytes(c) + input + FOLIO);
+	c->ring[c->head++ % CAST_SLOTS] = kept;
+}
+
+/* cast_fp8_tensor: whole 128-row blocks of BF16 (at least one) about CAST_CHUNK a step, each
+ * in the next pipe buffer, grown to the largest chunk it has held. Dequantising is as slow as
+ * the consumers: they have retired the copied pieces before it (the ring holds no input). */
+static void cast_fp8_steps(cast_sim *c, const plan_tensor *t, int block_rows)
+{
+	uint64_t rows = (uint64_t)t->shape[0], cols = (uint64_t)t->shape[1];
+	uint64_t block = cols * 2 * (uint64_t)block_rows;
+	uint64_t chunk_rows =
+		(uint64_t)block_rows * (block >= CAST_CHUNK || !block ? 1 : CAST_CHUNK / block);
+	for (uint64_t r = 0; r < rows; r += chunk_rows) {
+		uint64_t n = rows - r < chunk_rows ? rows - r : chunk_rows;
+		int b = c->next_buffer;
+		c->next_buffer = (b + 1) % CAST_BUFFERS;
+		c->buffers[b] = max_u(c->buffers[b], n * cols * 2);
+		memset(c->ring, 0, sizeof c->ring);
+		cast_step(c, n * cols, 0, n * cols * 2);
+	}
+}
+
+static void cast_copy_steps(cast_sim *c, const plan_tensor *t)
+{
+	uint64_t off = 0;
+	do {
+		uint64_t len = t->nbytes - off < CAST_COPY_PIECE ? t->nbytes - off : CAST_COPY_PIECE;
+		cast_step(c, len, len, len);
+		off += len;
+	} while (off < t->nbytes);
+}
+
+/* One file worker casting every file in name order; the pipe drains at each file's end. */
+static int cast_ram_one(const plan_model *m, uint64_t *ram)
+{
+	size_t *idx = sorted_index(m->all, m->n_all, cmp_cast);
+	if (!idx)
+		return -1;
+	cast_sim c = { 0 };
+	int file = -1;
+	for (size_t k = 0; k < m->n_all; k++) {
+		const plan_tensor *t = &m->all[idx[k]];
+		if (t->is_scale)
+			continue;
+		if (t->file != file) {
+			file = t->file;
+			memset(c.ring, 0, sizeof c.ring);
+			memset(&c.w, 0, sizeof c.w);
+			writer_put(&c.w, 8);
+			writer_put(&c.w, m->file_header_bytes[file] - 8);
+		}
+		if (t->fp8_weight)
+			cast_fp8_steps(&c, t, m->cfg.block_rows);
+		else
+			cast_copy_steps(&c, t);
+	}
+	free(idx);
+	*ram = c.peak;
+	return 0;
+}
+
+static int cast_costs(const plan_model *m, int threads, plan_tools *o, dsv3_error *err)
+{
+	uint64_t out = 0, any = 0;
 	for (size_t i = 0; i < m->n_all; i++) {
 		const plan_tensor *t = &m->all[i];
 		any |= (uint64_t)t->fp8_weight;
-		if (!t->fp8_weight && !t->is_scale)
-			copied = max_u(copied, t->nbytes);
-		if (t->is_scale)
-			continue;
-		out += t->fp8_weight ? t->nbytes * 2 : t->nbytes;
+		if (!t->is_scale)
+			out += t->fp8_weight ? t->nbytes * 2 : t->nbytes;
 	}
 	if (!any)
-		return;
+		return 0;
 	uint64_t files = (uint64_t)(threads / CAST_THREADS_PER_FILE);
 	files = files < 1 ? 1 : files;
 	files = files > m->n_input_files ? m->n_input_files : files;
-	uint64_t buf = cast_buffer(m);
-	/* per file in flight: its buffers, the FP8 source of one step, the copied pieces queued
-	 * (pages of the input mapping, at most the largest copied tensor) */
-	uint64_t queued = CAST_SLOTS * CAST_COPY_PIECE < copied ? CAST_SLOTS * CAST_COPY_PIECE : copied;
-	uint64_t per = CAST_BUFFERS * buf + buf / 2 + queued;
-	o->cast_ram = BASE_RSS + 2 * header + files * per;
-	o->cast_disk = out + header;
+	uint64_t one;
+	if (cast_ram_one(m, &one))
+		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	/* several files in flight: each worker at its own peak at once, the bound */
+	o->cast_ram = BASE_RSS + 2 * m->input_header_bytes + files * one;
+	o->cast_ram_bound = files > 1;
+	o->cast_disk = out + m->input_header_bytes;
+	return 0;
 }
 
 int plan_tool_costs(const plan_model *m, int mp, int threads, plan_tools *o, dsv3_error *err)
@@ -402,10 +651,13 @@ int plan_tool_costs(const plan_model *m, int mp, int threads, plan_tools *o, dsv
 			return rc;
 		o->convert_disk += b;
 	}
-	o->convert_ram = mp_write_ram(m, mp, threads);
-	/* dsv3-shard reads the converted files and writes the same bytes again */
+	int rc = mp_write_ram(m, mp, threads, &o->convert_ram, &o->convert_ram_bound, err);
+	/* dsv3-shard reads the converted files and writes the same bytes again, with the same
+	 * writer and hashers */
 	o->shard_disk = o->convert_disk;
-	o->shard_ram = mp_write_ram(m, mp, threads);
-	cast_costs(m, threads, o);
-	return 0;
+	o->shard_ram = o->convert_ram;
+	o->shard_ram_bound = o->convert_ram_bound;
+	if (!rc)
+		rc = cast_costs(m, threads, o, err);
+	return rc;
 }

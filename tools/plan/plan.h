@@ -18,6 +18,7 @@ typedef struct {
 	uint64_t nbytes;
 	int fp8_weight; /* F8_E4M3 2-D weight: dsv3-fp8-to-bf16 makes it BF16 */
 	int is_scale;   /* a weight_scale_inv: dsv3-fp8-to-bf16 drops it */
+	int file;       /* input file (index in name order) */
 } plan_tensor;
 
 typedef struct {
@@ -29,6 +30,7 @@ typedef struct {
 	size_t n_all;
 	uint64_t input_bytes;        /* every tensor of the input, MTP included */
 	uint64_t input_header_bytes; /* 8 + header of every input file (estimated for a config) */
+	uint64_t *file_header_bytes; /* per input file: 8 + its header */
 	uint64_t largest_tensor;     /* bytes of the largest input tensor */
 	size_t n_input_files;
 } plan_model;
@@ -50,10 +52,14 @@ uint64_t plan_kv_bytes_per_token(const dsv3_config *c);
  * for batch seqs of max_seq_len, besides weights and KV cache. */
 uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len);
 
+/* Peak RAM is the tool's peak RSS: an estimate (within 10% of the measured peak in the tests)
+ * where the tool's memory follows one fixed sequence, an upper bound (*_ram_bound set) where
+ * it depends on how concurrent threads happen to interleave (see plan.c). */
 typedef struct {
 	uint64_t convert_ram, convert_disk;
 	uint64_t cast_ram, cast_disk;   /* dsv3-fp8-to-bf16 (0 when the input has no FP8) */
 	uint64_t shard_ram, shard_disk; /* dsv3-shard of the converted mp checkpoint */
+	int convert_ram_bound, cast_ram_bound, shard_ram_bound;
 } plan_tools;
 
 int plan_tool_costs(const plan_model *m, int mp, int threads, plan_tools *out, dsv3_error *err);
