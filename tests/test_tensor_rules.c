@@ -2,12 +2,9 @@
  * then every tool that writes a checkpoint on synthetic checkpoints holding (a) V3.2-Exp's
  * indexer tensors, (b) an F8 weight without its scale (and an F8_E5M2 tensor), (c) scales under
  * names the tools do not know, (d) unknown module names: each tool exits 2, prints every line
- * the rules give for the checkpoint, and leaves no file under a final name. Which tensors those
- * lines name is stated here, from the cases themselves; their text comes from the rules.
- *
- * dsv3-fp8-to-bf16 and dsv3-plan get the rules through one call each that is not in them yet:
- * their refusals are asserted only once FP8_CAST_CALLS_TENSOR_RULES / PLAN_CALLS_TENSOR_RULES
- * below are 1. */
+ * the rules give for the checkpoint, and leaves no file under a final name (dsv3-plan refuses
+ * the same way). Which tensors those lines name is stated here, from the cases themselves; their
+ * text comes from the rules. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -25,12 +22,6 @@
 #include "support/test_support.h"
 #include "tensor_rules.h"
 
-#ifndef FP8_CAST_CALLS_TENSOR_RULES
-#define FP8_CAST_CALLS_TENSOR_RULES 1
-#endif
-#ifndef PLAN_CALLS_TENSOR_RULES
-#define PLAN_CALLS_TENSOR_RULES 0
-#endif
 
 #define FILE1 "model-00001-of-00001.safetensors"
 #define L0 "model.layers.0."
@@ -394,15 +385,13 @@ static void check_fp8_case(const fixture *fx, const char *dir, const char *const
 	expected_hf(dir, TENSOR_RULES_OWN_SCALE_CHECK, &own);
 	assert_refused_with(fx, &own, CONVERT_BF16, dir);
 	expected_hf(dir, TENSOR_RULES_ANY_MODULE | TENSOR_RULES_OWN_SCALE_CHECK, &cast);
-	if (cast_refuses && FP8_CAST_CALLS_TENSOR_RULES)
+	if (cast_refuses)
 		assert_refused_with(fx, &cast, TO_BF16, dir);
-	if (PLAN_CALLS_TENSOR_RULES) {
-		const char *msg = path_in(fx->root, "plan.txt");
-		assert_int_equal(run_quiet(msg, "%s/dsv3-plan --model-parallel 2 --ckpt-path %s",
-					   bin_dir(), dir), 2);
-		for (size_t i = 0; i < pr.n; i++)
-			assert_file_contains(msg, pr.lines[i]);
-	}
+	const char *msg = path_in(fx->root, "plan.txt");
+	assert_int_equal(run_quiet(msg, "%s/dsv3-plan --model-parallel 2 --ckpt-path %s",
+				   bin_dir(), dir), 2);
+	for (size_t i = 0; i < pr.n; i++)
+		assert_file_contains(msg, pr.lines[i]);
 	problem_list_free(&pr);
 	problem_list_free(&own);
 	problem_list_free(&cast);

@@ -277,9 +277,11 @@ static void dequant_row(void *arg, size_t i)
 	}
 }
 
-static void push_piece(file_worker *w, const uint8_t *data, size_t len, int buffer, long tensor)
+static void push_piece(file_worker *w, const uint8_t *data, size_t len, int buffer, long tensor,
+		       const st_file *file)
 {
-	pipe_piece piece = { .data = data, .len = len, .buffer = buffer, .tensor = tensor };
+	pipe_piece piece = { .data = data, .len = len, .buffer = buffer, .tensor = tensor,
+			     .file = file };
 	write_pipe_push(&w->pipe, &piece);
 	pthread_mutex_lock(&w->fc->lock);
 	progress_add(&w->fc->bar, len);
@@ -295,7 +297,7 @@ static int cast_fp8_tensor(file_worker *w, const cast_item *it, long k, dsv3_err
 	const st_tensor *t = it->src;
 	int64_t rows = t->shape[0], cols = t->shape[1];
 	if (rows == 0 || cols == 0) {
-		push_piece(w, NULL, 0, -1, k);
+		push_piece(w, NULL, 0, -1, k, NULL);
 		return 0;
 	}
 	size_t row_bytes = (size_t)cols * 2;
@@ -317,8 +319,9 @@ static int cast_fp8_tensor(file_worker *w, const cast_item *it, long k, dsv3_err
 		d.dst = (uint16_t *)buf;
 		d.row0 = r0;
 		thread_pool_for(w->pool, (size_t)n, dequant_row, &d);
-		release_input_range(d.src, (size_t)n * (size_t)cols);
-		push_piece(w, buf, (size_t)n * row_bytes, b, r0 + n >= rows ? k : -1);
+		st_tensor part = { .data = d.src, .nbytes = (uint64_t)n * (uint64_t)cols };
+		st_release(&fc->ckpt.files[it->file], &part);
+		push_piece(w, buf, (size_t)n * row_bytes, b, r0 + n >= rows ? k : -1, NULL);
 	}
 	st_release(&fc->ckpt.files[it->scale_file], it->scale);
 	return 0;
@@ -333,7 +336,8 @@ static void copy_tensor(file_worker *w, const cast_item *it, long k)
 		uint64_t len = t->nbytes - off < COPY_PIECE ? t->nbytes - off : COPY_PIECE;
 		/* Faulting the pages in here keeps that cost off the writer, the slowest stage. */
 		prefault_input_range(t->data + off, len);
-		push_piece(w, t->data + off, len, -1, off + len >= t->nbytes ? k : -1);
+		push_piece(w, t->data + off, len, -1, off + len >= t->nbytes ? k : -1,
+			   &w->fc->ckpt.files[it->file]);
 		off += len;
 	} while (off < t->nbytes);
 }

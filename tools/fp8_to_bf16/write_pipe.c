@@ -83,6 +83,18 @@ static size_t min_done(const write_pipe *p)
 	return m;
 }
 
+/* A retired piece of the input mapping: st_release, which drops whole folios within the
+ * file's mapping (pieces without a file: their pages). */
+static void release_piece(const pipe_piece *piece)
+{
+	if (!piece->file) {
+		release_input_range(piece->data, piece->len);
+		return;
+	}
+	st_tensor part = { .data = piece->data, .nbytes = piece->len };
+	st_release(piece->file, &part);
+}
+
 typedef struct {
 	write_pipe *pipe;
 	int who;
@@ -110,7 +122,7 @@ static void *consumer_main(void *vp)
 			if (piece.buffer >= 0)
 				p->buffer_busy[piece.buffer] = 0;
 			else
-				release_input_range(piece.data, piece.len);
+				release_piece(&piece);
 		}
 		pthread_cond_broadcast(&p->cond);
 	}

@@ -21,6 +21,7 @@ typedef struct {
 	size_t len;
 	int buffer;        /* producer buffer holding data, or -1 (input mapping) */
 	long tensor;       /* >= 0: last piece of output tensor #tensor (finish its hash) */
+	const st_file *file; /* the input file whose mapping data points into (buffer < 0) */
 } pipe_piece;
 
 typedef struct {

@@ -10,6 +10,7 @@
 #include "model_layout.h"
 #include "mp_shards.h"
 #include "problems.h"
+#include "tensor_rules.h"
 
 #define MAX_PROBLEMS 20
 
@@ -116,6 +117,11 @@ int plan_from_ckpt(plan_model *m, const char *dir, dsv3_error *err)
 		m->input_header_bytes += 8 + f->header_len;
 		for (size_t k = 0; k < f->n_tensors; k++) {
 			const st_tensor *t = &f->tensors[k];
+			/* What dsv3-convert would refuse by the shared rules (the MTP layer it
+			 * drops aside) is refused here too, listed the same way. */
+			if (hf_layer(t->name) < m->cfg.n_layers &&
+			    tensor_rules_check_hf(&c, f, t, 0, &pr))
+				continue;
 			add_tensor(m, (int)i, t->name, t->dtype, t->ndim, t->shape, &pr);
 			m->all[m->n_all - 1].nbytes = t->nbytes;
 		}
