@@ -185,6 +185,17 @@ static int sums_text(const manifest *m, const manifest_file *extra, const char *
 	return 0;
 }
 
+int manifest_write_small(manifest *m, out_dir *o, const char *name, const void *data, size_t len,
+			 dsv3_error *err)
+{
+	uint8_t sha[32];
+	sha256_buffer(data, len, sha);
+	int rc = out_dir_write_file(o, name, data, len, err);
+	if (!rc && manifest_add_file(m, name, sha))
+		rc = dsv3_fail(err, DSV3_EIO, "%s/%s: out of memory (manifest)", o->dir, name);
+	return rc;
+}
+
 int manifest_write(const manifest *m, out_dir *o, dsv3_error *err)
 {
 	char *json = NULL, *sums = NULL;

@@ -37,6 +37,9 @@ int manifest_add_tensor(manifest *m, const char *name, st_dtype dtype, int ndim,
  * sorted by name) into o. Files written through o itself (small files) must be added by the
  * caller before this. */
 int manifest_write(const manifest *m, out_dir *o, dsv3_error *err);
+/* Writes a small file (an index, a config) whole into o and adds it to m with its SHA-256. */
+int manifest_write_small(manifest *m, out_dir *o, const char *name, const void *data, size_t len,
+			 dsv3_error *err);
 /* Copies every regular file of in_dir that a checkpoint tool does not write itself (not hidden,
  * not *.safetensors, not the index, config.json or the manifests: tokenizer files,
  * generation_config.json, README, ...) into o in name order, each added to m with its SHA-256;

@@ -14,14 +14,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "../fp8_to_bf16/py_json.h"
-#include "../fp8_to_bf16/write_pipe.h"
+#include "py_json.h"
+#include "write_pipe.h"
 #include "dtype.h"
 #include "hf_ckpt.h"
+#include "hf_json.h"
 #include "manifest.h"
 #include "out_dir.h"
 #include "progress.h"
@@ -95,15 +95,6 @@ static int ends_with(const char *s, const char *suffix)
 {
 	size_t a = strlen(s), b = strlen(suffix);
 	return a >= b && strcmp(s + a - b, suffix) == 0;
-}
-
-static char *path_join(const char *dir, const char *name)
-{
-	size_t len = strlen(dir) + strlen(name) + 2;
-	char *p = malloc(len);
-	if (p)
-		snprintf(p, len, "%s/%s", dir, name);
-	return p;
 }
 
 static double now_seconds(void)
@@ -311,9 +302,19 @@ static int plan_file(const quant *q, size_t f, quant_item **items, size_t *n, ds
 	return 0;
 }
 
-static int stream_file(quant *q, st_writer *w, quant_item *items, size_t n, size_t f,
-		       dsv3_error *err)
+typedef struct {
+	quant *q;
+	quant_item *items;
+	size_t n, f;
+} file_job;
+
+/* write_pipe_producer: the tensors of one file in the writer's layout order. */
+static int stream_file(void *ctx, st_writer *w, dsv3_error *err)
 {
+	file_job *j = ctx;
+	quant *q = j->q;
+	quant_item *items = j->items;
+	size_t n = j->n, f = j->f;
 	int rc = 0;
 	for (size_t pos = 0; pos < n && !rc; pos++) {
 		size_t k = st_writer_order(w, pos);
@@ -351,7 +352,6 @@ static int quant_file(quant *q, size_t f, dsv3_error *err)
 	int rc = plan_file(q, f, &items, &n, err);
 	st_spec *specs = calloc(n + 1, sizeof *specs);
 	uint8_t(*sha)[32] = calloc(n + 1, sizeof *sha);
-	st_writer *w = NULL;
 	const char *tmp = NULL;
 	if (!rc && (!specs || !sha))
 		rc = dsv3_fail(err, DSV3_EIO, "%s: out of memory", name);
@@ -359,27 +359,12 @@ static int quant_file(quant *q, size_t f, dsv3_error *err)
 		rc = err->code;
 	for (size_t i = 0; !rc && i < n; i++)
 		specs[i] = items[i].spec;
-	if (!rc)
-		rc = st_writer_open(&w, tmp, specs, n, NULL, err);
-	if (!rc)
-		rc = write_pipe_start(&q->pipe, w, sha, err);
-	if (!rc) {
-		rc = stream_file(q, w, items, n, f, err);
-		dsv3_error werr = { 0 };
-		int wrc = write_pipe_stop(&q->pipe, &werr);
-		if (!rc && wrc) {
-			*err = werr;
-			rc = wrc;
-		}
-	}
+	file_job job = { q, items, n, f };
 	uint8_t file_sha[32];
-	if (!rc) {
-		rc = st_writer_finish(w, file_sha, err);
-		w = NULL;
-	}
+	if (!rc)
+		rc = write_pipe_file(&q->pipe, tmp, specs, n, stream_file, &job, file_sha, sha, err);
 	if (!rc)
 		rc = add_to_manifest(q, name, file_sha, items, n, sha, err);
-	st_writer_abort(w);
 	free(specs);
 	free(sha);
 	free_items(items, n);
@@ -391,23 +376,12 @@ static int quant_file(quant *q, size_t f, dsv3_error *err)
 
 static int load_config(quant *q, dsv3_error *err)
 {
-	char *path = path_join(q->opt->in_dir, CONFIG_NAME);
-	if (!path)
-		return dsv3_fail(err, DSV3_EIO, "out of memory");
-	int rc = 0;
-	struct stat st;
-	if (stat(path, &st) == 0) {
-		json_error_t jerr;
-		q->config = json_load_file(path, 0, &jerr);
-		if (!q->config || !json_is_object(q->config))
-			rc = dsv3_fail(err, DSV3_EDATA, "%s:%d: invalid JSON: %s", path, jerr.line,
-				       q->config ? "not an object" : jerr.text);
-		else if (json_object_get(q->config, "quantization_config"))
-			rc = dsv3_fail(err, DSV3_EDATA,
-				       "%s has a quantization_config: the checkpoint is already "
-				       "quantised (convert it to BF16 with dsv3-fp8-to-bf16 first)", path);
-	}
-	free(path);
+	int rc = hf_config_load(q->opt->in_dir, &q->config, err);
+	if (!rc && q->config && json_object_get(q->config, "quantization_config"))
+		rc = dsv3_fail(err, DSV3_EDATA,
+			       "%s/%s has a quantization_config: the checkpoint is already "
+			       "quantised (convert it to BF16 with dsv3-fp8-to-bf16 first)",
+			       q->opt->in_dir, CONFIG_NAME);
 	return rc;
 }
 
@@ -479,17 +453,6 @@ static int open_input(quant *q, problem_list *problems, dsv3_error *err)
 
 /* ---- small files ---- */
 
-static int write_small_file(quant *q, const char *name, const char *text, size_t len,
-			    dsv3_error *err)
-{
-	uint8_t sha[32];
-	sha256_buffer(text, len, sha);
-	int rc = out_dir_write_file(&q->out, name, text, len, err);
-	if (!rc && manifest_add_file(&q->man, name, sha))
-		rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
-	return rc;
-}
-
 /* Bytes of the output tensors a tensor becomes: FP8 weight and scales, or itself. */
 static uint64_t tensor_bytes(const st_tensor *t)
 {
@@ -527,23 +490,13 @@ static int write_index(quant *q, dsv3_error *err)
 		names[n] = owned[n_owned++];
 		files[n++] = c->index_files[i];
 	}
-	char *text = NULL, *full = NULL;
+	char *text = NULL;
 	size_t len = 0;
-	static const char empty[] = "\"metadata\": {}";
-	if (!rc && py_json_index(names, files, n, &text, &len))
+	if (!rc && py_json_index(names, files, n, &total, &text, &len))
 		rc = dsv3_fail(err, DSV3_EDATA, "%s/%s: a name is not valid UTF-8", q->opt->in_dir,
 			       INDEX_NAME);
-	char *at = rc ? NULL : strstr(text, empty);
-	if (!rc && at) {
-		int m = asprintf(&full, "%.*s\"metadata\": {\n    \"total_size\": %llu\n  }%s",
-				 (int)(at - text), text, (unsigned long long)total,
-				 at + sizeof empty - 1);
-		if (m < 0)
-			rc = dsv3_fail(err, DSV3_EIO, "out of memory (index)");
-		else
-			rc = write_small_file(q, INDEX_NAME, full, (size_t)m, err);
-	}
-	free(full);
+	if (!rc)
+		rc = manifest_write_small(&q->man, &q->out, INDEX_NAME, text, len, err);
 	free(text);
 	for (size_t i = 0; i < n_owned; i++)
 		free(owned[i]);
@@ -583,17 +536,11 @@ static int write_config(quant *q, dsv3_error *err)
 	}
 	if (!placed)
 		bad |= json_object_set(out, "quantization_config", qc);
-	char *body = bad ? NULL : json_dumps(out, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	char *text = NULL;
-	int rc;
-	if (!body || asprintf(&text, "%s\n", body) < 0) {
-		text = NULL;
-		rc = dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
-	} else {
-		rc = write_small_file(q, CONFIG_NAME, text, strlen(text), err);
-	}
+	size_t len;
+	char *text = bad ? NULL : hf_config_text(out, &len);
+	int rc = text ? manifest_write_small(&q->man, &q->out, CONFIG_NAME, text, len, err)
+		      : dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
 	free(text);
-	free(body);
 	json_decref(out);
 	json_decref(qc);
 	return rc;

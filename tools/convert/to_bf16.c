@@ -3,11 +3,11 @@
 #include "to_bf16.h"
 
 #include <jansson.h>
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
+
+#include "hf_json.h"
 
 #define SCALE_SUFFIX "_scale_inv"
 
@@ -50,45 +50,19 @@ static size_t count_fp8_weights(const hf_ckpt *c)
  * the cast writes: the same JSON without quantization_config, 2-space indent, a newline. */
 static int load_config(to_bf16 *b, const char *in_dir, dsv3_error *err)
 {
-	char path[4096];
-	snprintf(path, sizeof path, "%s/config.json", in_dir);
-	json_error_t jerr;
-	json_t *cfg = json_load_file(path, 0, &jerr);
-	int rc = 0;
-	if (!cfg || !json_is_object(cfg)) {
-		rc = dsv3_fail(err, DSV3_EDATA, "%s:%d: invalid JSON: %s", path, jerr.line,
-			       cfg ? "not an object" : jerr.text);
-		goto out;
+	json_t *cfg;
+	int rc = hf_config_load(in_dir, &cfg, err);
+	if (!rc && !cfg)
+		rc = dsv3_fail(err, DSV3_EDATA, "%s/config.json is missing", in_dir);
+	if (!rc)
+		rc = hf_config_block_size(cfg, &b->block_rows, &b->block_cols, in_dir, err);
+	if (!rc) {
+		json_object_del(cfg, "quantization_config");
+		b->config_text = hf_config_text(cfg, &b->config_len);
+		if (!b->config_text)
+			rc = dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
 	}
-	json_t *bs = json_object_get(json_object_get(cfg, "quantization_config"),
-				     "weight_block_size");
-	if (bs) {
-		json_int_t r = json_integer_value(json_array_get(bs, 0));
-		json_int_t c = json_integer_value(json_array_get(bs, 1));
-		if (!json_is_array(bs) || json_array_size(bs) != 2 || r < 1 || c < 1 ||
-		    r > INT_MAX || c > INT_MAX) {
-			rc = dsv3_fail(err, DSV3_EDATA, "%s: quantization_config.weight_block_size "
-				       "must be two positive integers", path);
-			goto out;
-		}
-		b->block_rows = (int)r;
-		b->block_cols = (int)c;
-	}
-	json_object_del(cfg, "quantization_config");
-	char *body = json_dumps(cfg, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	size_t len = body ? strlen(body) : 0;
-	b->config_text = body ? malloc(len + 2) : NULL;
-	if (!b->config_text) {
-		rc = dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
-	} else {
-		memcpy(b->config_text, body, len);
-		memcpy(b->config_text + len, "\n", 2);
-		b->config_len = len + 1;
-	}
-	free(body);
-out:
-	if (cfg)
-		json_decref(cfg);
+	json_decref(cfg);
 	return rc;
 }
 

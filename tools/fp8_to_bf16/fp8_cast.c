@@ -9,17 +9,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
-#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "dtype.h"
 #include "hf_ckpt.h"
+#include "hf_json.h"
 #include "manifest.h"
 #include "out_dir.h"
 #include "progress.h"
@@ -91,15 +90,6 @@ static int ends_with(const char *s, const char *suffix)
 	return a >= b && strcmp(s + a - b, suffix) == 0;
 }
 
-static char *path_join(const char *dir, const char *name)
-{
-	size_t len = strlen(dir) + strlen(name) + 2;
-	char *p = malloc(len);
-	if (p)
-		snprintf(p, len, "%s/%s", dir, name);
-	return p;
-}
-
 static int64_t ceil_div(int64_t a, int64_t b)
 {
 	return (a + b - 1) / b;
@@ -127,40 +117,14 @@ static const st_tensor *find_scale(const hf_ckpt *c, const char *name, size_t *f
 
 /* ---- input ---- */
 
+/* fp8_cast_bf16.py needs no config.json; one is rewritten only when present. */
 static int load_config(fp8_cast *fc, dsv3_error *err)
 {
 	fc->block_rows = fc->block_cols = 128;
-	char *path = path_join(fc->opt->in_dir, CONFIG_NAME);
-	if (!path)
-		return dsv3_fail(err, DSV3_EIO, "out of memory");
-	struct stat st;
-	if (stat(path, &st) != 0) {
-		free(path);
-		return 0; /* fp8_cast_bf16.py needs no config; we rewrite one only when present */
-	}
-	json_error_t jerr;
-	fc->config = json_load_file(path, 0, &jerr);
-	int rc = 0;
-	if (!fc->config || !json_is_object(fc->config)) {
-		rc = dsv3_fail(err, DSV3_EDATA, "%s:%d: invalid JSON: %s", path, jerr.line,
-			       fc->config ? "not an object" : jerr.text);
-		goto out;
-	}
-	json_t *bs = json_object_get(json_object_get(fc->config, "quantization_config"),
-				     "weight_block_size");
-	if (!bs)
-		goto out;
-	json_int_t r = json_integer_value(json_array_get(bs, 0));
-	json_int_t c = json_integer_value(json_array_get(bs, 1));
-	if (!json_is_array(bs) || json_array_size(bs) != 2 || r < 1 || c < 1 || r > INT_MAX ||
-	    c > INT_MAX)
-		rc = dsv3_fail(err, DSV3_EDATA,
-			       "%s: quantization_config.weight_block_size must be two positive integers",
-			       path);
-	fc->block_rows = (int)r;
-	fc->block_cols = (int)c;
-out:
-	free(path);
+	int rc = hf_config_load(fc->opt->in_dir, &fc->config, err);
+	if (!rc && fc->config)
+		rc = hf_config_block_size(fc->config, &fc->block_rows, &fc->block_cols,
+					  fc->opt->in_dir, err);
 	return rc;
 }
 
@@ -360,10 +324,19 @@ static int add_file_to_manifest(fp8_cast *fc, const char *name, const uint8_t fi
 	return rc;
 }
 
-/* Streams the tensors of one file in the writer's layout order. */
-static int stream_file(file_worker *fw, st_writer *w, const cast_item *items, size_t n,
-		       dsv3_error *err)
+typedef struct {
+	file_worker *fw;
+	const cast_item *items;
+	size_t n;
+} file_job;
+
+/* write_pipe_producer: the tensors of one file in the writer's layout order. */
+static int stream_file(void *ctx, st_writer *w, dsv3_error *err)
 {
+	file_job *j = ctx;
+	file_worker *fw = j->fw;
+	const cast_item *items = j->items;
+	size_t n = j->n;
 	int rc = 0;
 	for (size_t pos = 0; pos < n && !rc; pos++) {
 		size_t k = st_writer_order(w, pos);
@@ -448,7 +421,6 @@ static int cast_file(file_worker *fw, size_t f, dsv3_error *err)
 	fw->stats.scales_dropped += fc->ckpt.files[f].n_tensors - n;
 	st_spec *specs = calloc(n + 1, sizeof *specs);
 	uint8_t(*sha)[32] = calloc(n + 1, sizeof *sha);
-	st_writer *w = NULL;
 	pthread_mutex_lock(&fc->lock);
 	const char *tmp = out_dir_add(&fc->out, name, err);
 	pthread_mutex_unlock(&fc->lock);
@@ -458,44 +430,17 @@ static int cast_file(file_worker *fw, size_t f, dsv3_error *err)
 		rc = err->code;
 	for (size_t i = 0; !rc && i < n; i++)
 		specs[i] = items[i].spec;
-	if (!rc)
-		rc = st_writer_open(&w, tmp, specs, n, NULL, err);
-	if (!rc)
-		rc = write_pipe_start(&fw->pipe, w, sha, err);
-	if (!rc) {
-		rc = stream_file(fw, w, items, n, err);
-		dsv3_error werr = {0};
-		int wrc = write_pipe_stop(&fw->pipe, &werr);
-		if (!rc && wrc) {
-			*err = werr;
-			rc = wrc;
-		}
-	}
+	file_job job = { fw, items, n };
 	uint8_t file_sha[32];
-	if (!rc) {
-		rc = st_writer_finish(w, file_sha, err);
-		w = NULL;
-	}
+	if (!rc)
+		rc = write_pipe_file(&fw->pipe, tmp, specs, n, stream_file, &job, file_sha, sha, err);
 	if (!rc)
 		rc = add_file_to_manifest(fc, name, file_sha, items, n, sha, err);
 	if (!rc)
 		rc = finish_file(fc, name, file_sha, items, n, sha, err);
-	st_writer_abort(w);
 	free(specs);
 	free(sha);
 	free(items);
-	return rc;
-}
-
-/* Small files are hashed from what is written (index, config) or read (copies). */
-static int write_small_file(fp8_cast *fc, const char *name, const char *text, size_t len,
-			    dsv3_error *err)
-{
-	uint8_t sha[32];
-	sha256_buffer(text, len, sha);
-	int rc = out_dir_write_file(&fc->out, name, text, len, err);
-	if (!rc && manifest_add_file(&fc->man, name, sha))
-		rc = dsv3_fail(err, DSV3_EIO, "out of memory (manifest)");
 	return rc;
 }
 
@@ -526,11 +471,11 @@ static int write_index(fp8_cast *fc, dsv3_error *err)
 	}
 	char *text = NULL;
 	size_t len = 0;
-	if (!rc && py_json_index(names, files, n, &text, &len))
+	if (!rc && py_json_index(names, files, n, NULL, &text, &len))
 		rc = dsv3_fail(err, DSV3_EDATA, "%s/%s: a name is not valid UTF-8", fc->opt->in_dir,
 			       INDEX_NAME);
 	if (!rc)
-		rc = write_small_file(fc, INDEX_NAME, text, len, err);
+		rc = manifest_write_small(&fc->man, &fc->out, INDEX_NAME, text, len, err);
 	free(text);
 	free(names);
 	free(files);
@@ -543,21 +488,11 @@ static int write_config(fp8_cast *fc, dsv3_error *err)
 	if (!fc->config)
 		return 0;
 	json_object_del(fc->config, "quantization_config");
-	char *body = json_dumps(fc->config, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	if (!body)
-		return dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
-	size_t len = strlen(body);
-	char *text = malloc(len + 2);
-	int rc;
-	if (!text) {
-		rc = dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
-	} else {
-		memcpy(text, body, len);
-		memcpy(text + len, "\n", 2);
-		rc = write_small_file(fc, CONFIG_NAME, text, len + 1, err);
-	}
+	size_t len;
+	char *text = hf_config_text(fc->config, &len);
+	int rc = text ? manifest_write_small(&fc->man, &fc->out, CONFIG_NAME, text, len, err)
+		      : dsv3_fail(err, DSV3_EIO, "out of memory (config.json)");
 	free(text);
-	free(body);
 	return rc;
 }
 

@@ -111,10 +111,19 @@ static int put_string(text_buf *b, const char *str)
 	return 0;
 }
 
-int py_json_index(char *const *tensors, char *const *files, size_t n, char **out, size_t *len)
+int py_json_index(char *const *tensors, char *const *files, size_t n, const uint64_t *total_size,
+		  char **out, size_t *len)
 {
 	text_buf b = {0};
-	puts_(&b, "{\n  \"metadata\": {},\n  \"weight_map\": ");
+	if (total_size) {
+		char meta[96];
+		snprintf(meta, sizeof meta, "{\n  \"metadata\": {\n    \"total_size\": %llu\n  },\n",
+			 (unsigned long long)*total_size);
+		puts_(&b, meta);
+	} else {
+		puts_(&b, "{\n  \"metadata\": {},\n");
+	}
+	puts_(&b, "  \"weight_map\": ");
 	if (!n)
 		puts_(&b, "{}");
 	else

@@ -1,10 +1,10 @@
-/* The output side of dsv3-fp8-to-bf16: a writer thread (st_writer_write, which also hashes
- * the file) and a tensor-hash thread consume the same queue of byte pieces in order, while the
- * producer dequantises the next chunk. Pieces either point into the input mapping (copied
+/* The output side of dsv3-fp8-to-bf16 and dsv3-bf16-to-fp8: a writer thread (st_writer_write,
+ * which also hashes the file) and a tensor-hash thread consume the same queue of byte pieces in
+ * order, while the producer converts the next chunk. Pieces either point into the input mapping (copied
  * tensors) or into one of the producer's buffers, which become reusable once both consumers
  * are done with them. */
-#ifndef FP8_WRITE_PIPE_H
-#define FP8_WRITE_PIPE_H
+#ifndef DSV3_WRITE_PIPE_H
+#define DSV3_WRITE_PIPE_H
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -60,5 +60,17 @@ uint8_t *write_pipe_buffer(write_pipe *p, int b, size_t size);
 void write_pipe_push(write_pipe *p, const pipe_piece *piece);
 /* Drains and joins the consumers; returns the writer's first error (copied into err). */
 int write_pipe_stop(write_pipe *p, dsv3_error *err);
+
+/* Produces the pieces of one file: pushes every tensor of w in w's layout order
+ * (st_writer_order), each tensor's last piece marked. */
+typedef int (*write_pipe_producer)(void *ctx, st_writer *w, dsv3_error *err);
+
+/* Writes one safetensors file at `path` holding specs[0..n) (laid out as st_writer lays it
+ * out): the consumers run while `produce` pushes the bytes. On success file_sha is the file's
+ * SHA-256 and tensor_sha[i] that of specs[i]'s bytes. On failure the file may be left partial
+ * (it is a temporary of an out_dir). */
+int write_pipe_file(write_pipe *p, const char *path, const st_spec *specs, size_t n,
+		    write_pipe_producer produce, void *ctx, uint8_t file_sha[32],
+		    uint8_t (*tensor_sha)[32], dsv3_error *err);
 
 #endif

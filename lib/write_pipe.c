@@ -199,3 +199,26 @@ int write_pipe_stop(write_pipe *p, dsv3_error *err)
 		*err = p->err;
 	return p->rc;
 }
+
+int write_pipe_file(write_pipe *p, const char *path, const st_spec *specs, size_t n,
+		    write_pipe_producer produce, void *ctx, uint8_t file_sha[32],
+		    uint8_t (*tensor_sha)[32], dsv3_error *err)
+{
+	st_writer *w = NULL;
+	int rc = st_writer_open(&w, path, specs, n, NULL, err);
+	if (!rc)
+		rc = write_pipe_start(p, w, tensor_sha, err);
+	if (!rc) {
+		rc = produce(ctx, w, err);
+		dsv3_error werr = { 0 };
+		int wrc = write_pipe_stop(p, &werr);
+		if (!rc && wrc) {
+			*err = werr;
+			rc = wrc;
+		}
+	}
+	if (!rc)
+		return st_writer_finish(w, file_sha, err);
+	st_writer_abort(w);
+	return rc;
+}
