@@ -31,8 +31,8 @@
 #include "sha256.h"
 #include "threadpool.h"
 
-#define CHUNK (16u << 20)	  /* bytes per write/hash call */
-#define RELEASE_EVERY (64u << 20) /* input bytes touched between page drops */
+#define CHUNK (2u << 20)	  /* bytes per write/hash call */
+#define RELEASE_EVERY (2u << 20) /* input bytes touched between page drops */
 #define PROGRESS_EVERY (8u << 20)
 #define DEQUANT_CHUNK (4u << 20)  /* BF16 bytes made per step from an FP8 weight, per thread */
 

@@ -294,85 +294,111 @@ static void assert_within_10_percent(const char *what, uint64_t planned, uint64_
 	assert_true(off <= 0.10 && off >= -0.10);
 }
 
-/* One output rank (any --threads: one writer and one hasher), and dsv3-fp8-to-bf16 with one
- * file in flight (--threads below 8): the plan's estimate within 10% of the peak RSS. */
+/* Whether mp_write's overlap is fixed: W = min(threads, mp) writers start; with W >= 2 and more
+ * ranks than that, first writers still finishing overlap the next ones by timing. */
+static int expect_bound(int mp, int threads)
+{
+	int w = threads < mp ? threads : mp;
+	return w >= 2 && mp > w;
+}
+
+/* An estimate within 10% of the measured peak RSS, or a bound at least it. */
+static void assert_plan_holds(const char *what, planned_ram p, int bound, uint64_t measured)
+{
+	assert_int_equal(p.bound, bound);
+	if (!bound) {
+		assert_within_10_percent(what, p.bytes, measured);
+		return;
+	}
+	print_message("%s: bound %.1f MB, measured %.1f MB\n", what, p.bytes / 1e6,
+		      measured / 1e6);
+	assert_true(measured <= p.bytes);
+}
+
+/* The peak RSS of cmd, writing to out (removed first). Where 2W >= 4 threads walk the input
+ * (W = min(threads, mp) writers and as many hashers) the moment all of them hold their window
+ * comes in some runs and not in others (47.5-51.8 MB for dsv3-convert of mid at N 2, threads
+ * 2): the peak is then the higher of two runs. */
+static uint64_t tool_peak_rss(const fixture *fx, const char *cmd, const char *out, int mp,
+			      int threads)
+{
+	int w = threads < mp ? threads : mp, runs = w >= 2 ? 2 : 1;
+	uint64_t peak = 0;
+	for (int i = 0; i < runs; i++) {
+		remove_tree(out);
+		uint64_t rss = peak_rss(fx, cmd);
+		peak = rss > peak ? rss : peak;
+	}
+	return peak;
+}
+
+/* dsv3-convert of ckpt to mp ranks, then dsv3-shard of those mp files (merging them again
+ * when mp > 1) to mp ranks, each against the plan. */
+static void check_convert_and_shard(const fixture *fx, const char *name, const char *ckpt, int mp,
+				    int threads)
+{
+	const char *conv = fresh_path(fx->root, "mp-convert"), *b = bin_dir();
+	char cmd[1024], what[96];
+	snprintf(cmd, sizeof cmd, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s "
+		 "--n-experts 16 --model-parallel %d --threads %d", b, ckpt, conv, mp, threads);
+	uint64_t measured = tool_peak_rss(fx, cmd, conv, mp, threads);
+	snprintf(what, sizeof what, "dsv3-convert %s mp %d, threads %d", name, mp, threads);
+	assert_plan_holds(what, plan_ram(fx, ckpt, "dsv3-convert", mp, threads),
+			  expect_bound(mp, threads), measured);
+
+	const char *out = fresh_path(fx->root, "mp-shard");
+	snprintf(cmd, sizeof cmd, "%s/dsv3-shard --input %s --save-path %s --model-parallel %d "
+		 "--threads %d", b, conv, out, mp, threads);
+	measured = tool_peak_rss(fx, cmd, out, mp, threads);
+	snprintf(what, sizeof what, "dsv3-shard %s mp %d to mp %d, threads %d", name, mp, mp,
+		 threads);
+	assert_plan_holds(what, plan_ram(fx, ckpt, "dsv3-shard", mp, threads),
+			  expect_bound(mp, threads), measured);
+	remove_tree(out);
+	remove_tree(conv);
+}
+
+static void check_cast(const fixture *fx, const char *name, const char *ckpt, int threads)
+{
+	const char *out = fresh_path(fx->root, "cast");
+	char cmd[1024], what[64];
+	snprintf(cmd, sizeof cmd, "%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s "
+		 "--output-bf16-hf-path %s --threads %d", bin_dir(), ckpt, out, threads);
+	uint64_t measured = peak_rss(fx, cmd);
+	snprintf(what, sizeof what, "dsv3-fp8-to-bf16 %s, threads %d", name, threads);
+	assert_plan_holds(what, plan_ram(fx, ckpt, "dsv3-fp8-to-bf16", 1, threads), 0, measured);
+	remove_tree(out);
+}
+
+/* dsv3-convert and dsv3-shard at 1, 2 and 4 ranks where their threads' overlap is fixed
+ * (threads 1, or at least as many threads as ranks), and dsv3-fp8-to-bf16 with one file in
+ * flight (--threads below 8), on mid and on wide (256 MiB tensors): the plan's estimate within
+ * 10% of the peak RSS. */
 static void test_plan_peak_ram_within_10_percent_of_measured_rss(void **state)
 {
 	fixture *fx = *state;
 	skip_under_sanitizer();
-	const char *mid = make_mid(fx), *b = bin_dir();
-	char cmd[1024], what[64];
-	for (int threads = 1; threads <= 2; threads++) {
-		const char *conv = fresh_path(fx->root, "mid-mp1");
-		snprintf(cmd, sizeof cmd, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s "
-			 "--n-experts 16 --model-parallel 1 --threads %d", b, mid, conv, threads);
-		uint64_t measured = peak_rss(fx, cmd);
-		planned_ram p = plan_ram(fx, mid, "dsv3-convert", 1, threads);
-		assert_false(p.bound);
-		snprintf(what, sizeof what, "dsv3-convert mp 1, threads %d", threads);
-		assert_within_10_percent(what, p.bytes, measured);
-
-		const char *out = fresh_path(fx->root, "mid-shard");
-		snprintf(cmd, sizeof cmd, "%s/dsv3-shard --input %s --save-path %s "
-			 "--model-parallel 1 --threads %d", b, conv, out, threads);
-		measured = peak_rss(fx, cmd);
-		p = plan_ram(fx, mid, "dsv3-shard", 1, threads);
-		assert_false(p.bound);
-		snprintf(what, sizeof what, "dsv3-shard mp 1, threads %d", threads);
-		assert_within_10_percent(what, p.bytes, measured);
-
-		out = fresh_path(fx->root, "mid-bf16");
-		snprintf(cmd, sizeof cmd, "%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s "
-			 "--output-bf16-hf-path %s --threads %d", b, mid, out, threads);
-		measured = peak_rss(fx, cmd);
-		p = plan_ram(fx, mid, "dsv3-fp8-to-bf16", 1, threads);
-		assert_false(p.bound);
-		snprintf(what, sizeof what, "dsv3-fp8-to-bf16, threads %d", threads);
-		assert_within_10_percent(what, p.bytes, measured);
+	const char *ckpt[2] = { make_mid(fx), make_wide(fx, "wide", 131072, 2, "") };
+	static const char *const name[2] = { "mid", "wide" };
+	for (int c = 0; c < 2; c++) {
+		for (int threads = 1; threads <= 2; threads++) {
+			for (int mp = 1; mp <= 4; mp *= 2)
+				if (!expect_bound(mp, threads))
+					check_convert_and_shard(fx, name[c], ckpt[c], mp, threads);
+			check_cast(fx, name[c], ckpt[c], threads);
+		}
 	}
-	remove_tree(fresh_path(fx->root, "mid-mp1"));
-	const char *wide = make_wide(fx, "wide", 131072, 2, "");
-	for (int threads = 1; threads <= 2; threads++) {
-		const char *out = fresh_path(fx->root, "wide-bf16");
-		snprintf(cmd, sizeof cmd, "%s/dsv3-fp8-to-bf16 --input-fp8-hf-path %s "
-			 "--output-bf16-hf-path %s --threads %d", b, wide, out, threads);
-		uint64_t measured = peak_rss(fx, cmd);
-		planned_ram p = plan_ram(fx, wide, "dsv3-fp8-to-bf16", 1, threads);
-		assert_false(p.bound);
-		snprintf(what, sizeof what, "dsv3-fp8-to-bf16 on wide, threads %d", threads);
-		assert_within_10_percent(what, p.bytes, measured);
-	}
-	remove_tree(fresh_path(fx->root, "wide-bf16"));
 }
 
-static void assert_convert_within_bound(const fixture *fx, const char *ckpt, int mp, int threads)
-{
-	const char *out = fresh_path(fx->root, "convert-bound");
-	char cmd[1024];
-	snprintf(cmd, sizeof cmd, "%s/dsv3-convert --hf-ckpt-path %s --save-path %s --n-experts 16 "
-		 "--model-parallel %d --threads %d", bin_dir(), ckpt, out, mp, threads);
-	uint64_t measured = peak_rss(fx, cmd);
-	planned_ram p = plan_ram(fx, ckpt, "dsv3-convert", mp, threads);
-	print_message("dsv3-convert mp %d, threads %d: bound %.1f MB, measured %.1f MB\n", mp,
-		      threads, p.bytes / 1e6, measured / 1e6);
-	assert_true(p.bound);
-	assert_true(measured <= p.bytes);
-	remove_tree(out);
-}
-
-/* Several output ranks, or a tensor over 64 MiB: which writer and hasher threads hold their
- * largest input windows at the same moment depends on timing, so the plan gives the sum of
- * them all, flagged as a bound; the measured peak is at most that. */
-static void test_plan_peak_ram_bounds_measured_rss_when_threads_interleave(void **state)
+/* Four ranks on two writer threads: the ranks still being written when the hashers take the
+ * next ones overlap them as timing goes (48-77 MB measured on mid), so the plan gives the most
+ * that can be at once, flagged as a bound; the measured peak is at most that. */
+static void test_plan_peak_ram_bounds_measured_rss_when_ranks_overlap(void **state)
 {
 	fixture *fx = *state;
 	skip_under_sanitizer();
-	const char *mid = make_mid(fx), *wide = make_wide(fx, "wide", 131072, 2, "");
-	for (int threads = 1; threads <= 2; threads++) {
-		for (int mp = 2; mp <= 4; mp *= 2)
-			assert_convert_within_bound(fx, mid, mp, threads);
-		assert_convert_within_bound(fx, wide, 1, threads);
-	}
+	check_convert_and_shard(fx, "mid", make_mid(fx), 4, 2);
+	check_convert_and_shard(fx, "wide", make_wide(fx, "wide", 131072, 2, ""), 4, 2);
 }
 
 static void test_plan_refuses_a_split_convert_refuses(void **state)
@@ -415,7 +441,7 @@ int main(void)
 		cmocka_unit_test(test_plan_kv_cache_from_config_numbers),
 		cmocka_unit_test(test_plan_fewest_gpus_is_the_smallest_split_that_fits),
 		cmocka_unit_test(test_plan_peak_ram_within_10_percent_of_measured_rss),
-		cmocka_unit_test(test_plan_peak_ram_bounds_measured_rss_when_threads_interleave),
+		cmocka_unit_test(test_plan_peak_ram_bounds_measured_rss_when_ranks_overlap),
 		cmocka_unit_test(test_plan_refuses_a_split_convert_refuses),
 		cmocka_unit_test(test_plan_usage_errors),
 	};

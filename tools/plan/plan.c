@@ -336,26 +336,25 @@ uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len)
  *   BASE_RSS                the program, libc, libcrypto, thread stacks and small heap,
  *                           measured once (below);
  * + 2 x input headers       their mapped pages and the parsed tensor list;
- * + anonymous buffers       st_writer's two ST_WRITE_BUF buffers, resident only as far as small
- *                           writes have been copied into them (simulated with the same rule as
+ * + anonymous buffers       st_writer's two ST_WRITE_BUF buffers, resident only as far as writes
+ *                           have been copied into them (simulated with the same rule as
  *                           lib/safetensors.c put_bytes), and dsv3-fp8-to-bf16's pipe buffers;
  * + input pages mapped      from the fault that maps them to the madvise(MADV_DONTNEED) that
- *                           drops them, plus FOLIO: a fault on a file mapping maps the whole
- *                           page-cache folio around it (up to 2 MiB on ext4 and xfs).
- * Where the tool does one thing after another (dsv3-convert and dsv3-shard with one output
- * rank and no tensor over MP_RELEASE_EVERY; dsv3-fp8-to-bf16 with one file in flight) the
- * model follows that sequence tensor by tensor and takes its maximum: an estimate, within 10%
- * of the measured peak in tests/test_plan.c. Where several threads walk the input at once, each
- * dropping pages on its own schedule, which of them hold their largest windows at the same
- * moment depends on timing (the same command's peak varies by 40-60% from run to run); there
- * the figure is every thread's largest window at once, with a folio left mapped at each drop:
- * an upper bound, flagged as such. Not modelled: the pages faults map back next to ranges
- * already dropped (st_release drops whole pages, not folios), about 10 MB on a 140 MB file of
- * small tensors, kept until the file is unmapped. */
+ *                           drops them; a fault on a file mapping maps the whole page-cache
+ *                           folio around it (FOLIO, up to 2 MiB on ext4 and xfs).
+ * dsv3-convert and dsv3-shard (lib/mp_shards.c) walk the input MP_CHUNK at a time and drop what
+ * a walk touched after every MP_RELEASE_EVERY bytes, in whole folios: a walking thread holds one
+ * chunk's folios, a chunk plus half a folio on average (a chunk starting at a uniform offset in
+ * a folio maps one folio, then two once it crosses into the next). With W = min(threads, N)
+ * the walkers are W writers, each with its two buffers, and W hashers; which ranks are written
+ * at the same moment follows from mp_write's task order (mp_write_ram). The cast (one file in
+ * flight) is replayed piece by piece in its layout order. Where threads can overlap in more
+ * than one way (rank files still being written when the hashers take the next ones; several
+ * files cast at once) the figure is the most that can be at once: an upper bound, flagged. */
 
-/* lib/mp_shards.c: 16 MiB per write/hash call, input pages dropped every 64 MiB touched. */
-#define MP_CHUNK (16ull << 20)
-#define MP_RELEASE_EVERY (64ull << 20)
+/* lib/mp_shards.c: 2 MiB per write/hash call, input pages dropped after each. */
+#define MP_CHUNK (2ull << 20)
+#define MP_RELEASE_EVERY (2ull << 20)
 #define ST_WRITE_BUF (8ull << 20) /* lib/safetensors.c: each writer has two */
 /* tools/fp8_to_bf16: 16 MiB dequantised per step, 3 pipe buffers, 4 threads per file, copied
  * tensors in 8 MiB pieces through a ring of 8 slots. */
@@ -366,8 +365,9 @@ uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len)
 #define CAST_SLOTS 8
 #define FOLIO (2ull << 20)
 /* Measured: /usr/bin/time -f %M dsv3-convert --model-parallel 1 on the "mid" checkpoint of
- * tests/test_plan.c (73.2 MB) less its 64 MiB input window and FOLIO; the libraries' mapped
- * pages (libcrypto 3.3 MB, libc 1.5 MB) are most of it. */
+ * tests/test_plan.c (73.2 MB while lib/mp_shards.c dropped pages every 64 MiB) less that 64 MiB
+ * window and FOLIO; the libraries' mapped pages (libcrypto 3.3 MB, libc 1.5 MB) are most of it.
+ * With 2 MiB windows the same command measures 28.7-30.9 MB against 28.9 MB planned. */
 #define BASE_RSS (5632ull << 10)
 
 /* The bytes st_writer holds in its two buffers: put_bytes copies a write into the current
@@ -435,99 +435,93 @@ static size_t *sorted_index(const plan_tensor *t, size_t n,
 	return idx;
 }
 
-/* The writes mp_write makes of t on one rank of one: a run per outer index (a whole row for a
+/* The writes mp_write makes of rank r's share of t: a run per outer index (a row's slice for a
  * tensor split along a later dim), each cut into MP_CHUNK calls. */
-static void convert_writes(const plan_tensor *t, writer_sim *w)
+static void rank_writes(const plan_tensor *t, int mp, writer_sim *w)
 {
 	uint64_t outer = 1, run = t->nbytes;
 	if (t->cn.expert < 0 && t->cn.split_dim != SPLIT_NONE) {
 		for (int i = 0; i < t->cn.split_dim && i < t->ndim; i++)
 			outer *= (uint64_t)t->shape[i];
-		run = outer ? t->nbytes / outer : 0;
+		run = outer ? t->nbytes / outer / (uint64_t)mp : 0;
 	}
 	for (uint64_t o = 0; o < outer; o++)
 		for (uint64_t off = 0; off < run; off += MP_CHUNK)
 			writer_put(w, run - off < MP_CHUNK ? run - off : MP_CHUNK);
 }
 
-/* Pages a walk of t leaves mapped: the folio at the end of its window, and at each drop every
- * MP_RELEASE_EVERY the part of a folio before the drop's start that the next fault maps back
- * (st_release drops whole pages of the range only). */
-static uint64_t folios_left(const plan_tensor *t)
-{
-	return FOLIO * (1 + t->nbytes / MP_RELEASE_EVERY);
-}
-
-/* One writer and one logical hasher walking the same tensors in the same order (one rank):
- * both map the tensor they are on, at most MP_RELEASE_EVERY each (MP_CHUNK divides it). */
-static int mp_write_ram_one(const plan_model *m, uint64_t header, uint64_t *ram)
+/* The most any rank's writer holds in its buffers: its header, then its tensors in layout
+ * order. */
+static int writer_buffers(const plan_model *m, int mp, uint64_t *most, dsv3_error *err)
 {
 	size_t *idx = sorted_index(m->t, m->n, cmp_converted);
-	if (!idx)
-		return -1;
-	writer_sim w = { 0 };
-	writer_put(&w, 8);
-	writer_put(&w, header);
-	uint64_t peak = 0;
-	for (size_t k = 0; k < m->n; k++) {
-		const plan_tensor *t = &m->t[idx[k]];
-		/* on a tensor over MP_RELEASE_EVERY, two windows apart, each with its folios */
-		uint64_t two = 2 * MP_RELEASE_EVERY;
-		uint64_t window = t->nbytes <= MP_RELEASE_EVERY ? t->nbytes + FOLIO
-				  : (t->nbytes < two ? t->nbytes : two) + 2 * folios_left(t);
-		convert_writes(t, &w);
-		peak = max_u(peak, writer_resident(&w) + window);
+	uint64_t *w = malloc((size_t)mp * sizeof *w);
+	int rc = !idx || !w ? dsv3_fail(err, DSV3_EIO, "out of memory") : 0;
+	if (!rc)
+		plan_rank_weights(m, mp, w);
+	*most = 0;
+	for (int r = 0; r < mp && !rc; r++) {
+		uint64_t file;
+		if ((rc = plan_rank_file_bytes(m, mp, r, &file, err)))
+			break;
+		writer_sim s = { 0 };
+		writer_put(&s, 8);
+		writer_put(&s, file - 8 - w[r]);
+		for (size_t k = 0; k < m->n; k++) {
+			uint64_t b;
+			if (rank_share(&m->t[idx[k]], mp, m->cfg.n_routed_experts, r, &b))
+				rank_writes(&m->t[idx[k]], mp, &s);
+		}
+		*most = max_u(*most, writer_resident(&s));
 	}
 	free(idx);
-	*ram = BASE_RSS + 2 * m->input_header_bytes + peak;
-	return 0;
+	free(w);
+	return rc;
 }
 
-/* The pages one thread can hold while walking t: a hasher the whole tensor, a writer its rank's
- * slice, whose rows' pages span the whole tensor when it is split along a later dim; dropped
- * every MP_RELEASE_EVERY bytes walked (a call of MP_CHUNK may cross that). */
-static uint64_t walker_window(const plan_tensor *t, int mp)
+/* The input pages one walker holds on t: the bytes it walks between two drops, plus half a
+ * folio on average (see above). A writer's rank slice of a tensor split along a later dim is a
+ * part of every row: its MP_RELEASE_EVERY bytes span mp times as much of the input. */
+static uint64_t walker_window(const plan_tensor *t, int mp, int writer)
 {
-	uint64_t walk = MP_RELEASE_EVERY + MP_CHUNK, span = t->nbytes;
-	int split = t->cn.expert < 0 && t->cn.split_dim != SPLIT_NONE;
-	if (split && t->cn.split_dim > 0)
+	uint64_t walk = MP_RELEASE_EVERY;
+	if (writer && t->cn.expert < 0 && t->cn.split_dim != SPLIT_NONE && t->cn.split_dim > 0)
 		walk *= (uint64_t)mp;
-	return (span < walk ? span : walk) + folios_left(t);
+	return (t->nbytes < walk ? t->nbytes : walk) + FOLIO / 2;
 }
 
-/* mp_write with W = min(threads, mp) writers and W hashers: 2W pool threads, each walking one
- * tensor at a time; every thread that has run a writer may keep its two buffers in its malloc
- * arena after the file is done. An upper bound. */
-static uint64_t mp_write_ram_bound(const plan_model *m, int mp, int threads)
-{
-	uint64_t writers = (uint64_t)(threads < mp ? threads : mp), window = 0;
-	for (size_t i = 0; i < m->n; i++)
-		window = max_u(window, walker_window(&m->t[i], mp));
-	uint64_t arenas = 2 * writers < (uint64_t)mp ? 2 * writers : (uint64_t)mp;
-	return BASE_RSS + 2 * m->input_header_bytes + arenas * 2 * ST_WRITE_BUF +
-	       2 * writers * window;
-}
-
-/* One rank is one sequence only while the writer and the hasher each see a tensor whole
- * (none over MP_RELEASE_EVERY): on a larger one each drops its pages on its own schedule. */
+/* mp_write runs 2W pool threads, W = min(threads, mp): tasks 0..W-1 hash, the next mp write
+ * ranks 0..mp-1 in turn. At first W writers (each with its buffers) and W hashers walk the
+ * input. A hasher stops once the hash queue is empty, which happens as the first writer reaches
+ * the last tensor (every rank ends with the same replicated tensors), and takes the next rank;
+ * a writer that is done helps empty the queue, then does the same. So with W = 1 the one writer
+ * and the hasher go on together: min(mp - 1, 2) writers and no hasher, each of the two threads
+ * reusing its own buffers' memory (glibc keeps the freed 8 MiB buffers in the thread's arena)
+ * for a later rank. With W >= 2 the other first writers may still be on their last tensors when
+ * the hashers start the next ranks: up to min(mp, 2W) writers at once, as many as timing
+ * allows; there the figure is that many writers with every thread's window, an upper bound. */
 static int mp_write_ram(const plan_model *m, int mp, int threads, uint64_t *ram, int *bound,
 			dsv3_error *err)
 {
-	uint64_t largest = 0;
-	for (size_t i = 0; i < m->n; i++)
-		largest = max_u(largest, m->t[i].nbytes);
-	*bound = mp > 1 || largest > MP_RELEASE_EVERY;
-	if (mp > 1) {
-		*ram = mp_write_ram_bound(m, mp, threads);
-		return 0;
-	}
-	uint64_t file, w;
-	int rc = plan_rank_file_bytes(m, 1, 0, &file, err);
+	uint64_t buffers, hasher_win = 0, writer_win = 0;
+	int rc = writer_buffers(m, mp, &buffers, err);
 	if (rc)
 		return rc;
-	plan_rank_weights(m, 1, &w);
-	if (mp_write_ram_one(m, file - 8 - w, ram))
-		return dsv3_fail(err, DSV3_EIO, "out of memory");
+	for (size_t i = 0; i < m->n; i++) {
+		hasher_win = max_u(hasher_win, walker_window(&m->t[i], mp, 0));
+		writer_win = max_u(writer_win, walker_window(&m->t[i], mp, 1));
+	}
+	uint64_t W = (uint64_t)(threads < mp ? threads : mp), n = (uint64_t)mp;
+	uint64_t first = W * (buffers + writer_win + hasher_win), later = 0;
+	*bound = W >= 2 && n > W;
+	if (W == 1 && n > 1) {
+		uint64_t writers = n - 1 < 2 ? n - 1 : 2;
+		later = writers * (buffers + writer_win);
+	} else if (*bound) {
+		uint64_t writers = n < 2 * W ? n : 2 * W;
+		later = writers * (buffers + writer_win) + (2 * W - writers) * hasher_win;
+	}
+	*ram = BASE_RSS + 2 * m->input_header_bytes + max_u(first, later);
 	return 0;
 }
 
