@@ -31,6 +31,14 @@ NVCCFLAGS ?= -O3 -g -lineinfo
 NVCCFLAGS += -std=c++17 -Ilib -Iref-engine -Itests -Xcompiler -Wall,-Wextra,-Werror -Werror all-warnings \
 	     -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=compute_80
 
+# Several CPU ranks over MPI (ref-engine/mpi/) when OpenMPI's mpicc is found (make deps installs
+# it); MPI=0 leaves it out (ref-engine/nompi/: one rank, and a clear error under mpirun). The
+# sanitizer build leaves it out too.
+ifeq ($(SAN),1)
+MPI     := 0
+endif
+MPI     ?= $(if $(shell command -v mpicc 2>/dev/null),1,0)
+
 LIB_SRC   := $(wildcard lib/*.c)
 LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 LIB_A     := $(BUILD)/libdsv3.a
@@ -43,6 +51,14 @@ LDLIBS     += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcu
 	      -ldl -lrt -lstdc++
 else
 ENGINE_SRC += $(wildcard ref-engine/nocuda/*.c)
+endif
+ifeq ($(MPI),1)
+ENGINE_SRC += $(wildcard ref-engine/mpi/*.c)
+MPI_CFLAGS := $(shell mpicc --showme:compile)
+LDLIBS     += $(shell mpicc --showme:link)
+$(BUILD)/obj/ref-engine/mpi/%.o: CFLAGS += $(MPI_CFLAGS)
+else
+ENGINE_SRC += $(wildcard ref-engine/nompi/*.c)
 endif
 ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/obj/%.o) $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
 ENGINE_A   := $(if $(ENGINE_SRC),$(BUILD)/libdsv3engine.a)
@@ -103,10 +119,12 @@ $(BUILD)/tests-cuda/%: $(BUILD)/obj/tests/cuda/%.o $(TEST_SUPPORT) $(ENGINE_A) $
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
 
 # libFuzzer targets over the parsers (DESIGN §8), built with clang, ASan and UBSan.
-build-fuzz/%: tests/fuzz/%.c $(LIB_SRC) $(filter-out ref-engine/nocuda/%,$(ENGINE_SRC)) ref-engine/nocuda/cuda_none.c
+FUZZ_ENGINE := $(filter-out ref-engine/nocuda/% ref-engine/mpi/% ref-engine/nompi/%,$(ENGINE_SRC)) \
+	       ref-engine/nocuda/cuda_none.c ref-engine/nompi/comm_nompi.c
+build-fuzz/%: tests/fuzz/%.c $(LIB_SRC) $(FUZZ_ENGINE)
 	@mkdir -p $(dir $@)
 	clang -std=c11 -D_GNU_SOURCE -g -O1 -Ilib -Iref-engine -fsanitize=fuzzer,address,undefined \
-		-fno-sanitize-recover=all -o $@ $^ $(LDLIBS)
+		-fno-sanitize-recover=all -o $@ $^ $(filter-out $(shell mpicc --showme:link 2>/dev/null),$(LDLIBS))
 
 # Installs what a fresh Debian machine lacks; idempotent (the stamp remembers success).
 deps: $(DEPS_STAMP)

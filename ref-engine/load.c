@@ -20,6 +20,8 @@ typedef struct {
 struct model_files {
 	const char *dir;
 	int mp;            /* 0: HF layout */
+	int only;          /* a tensor-parallel rank: only model{only}-mp{N} is opened; -1: all */
+	int n_experts;
 	hf_ckpt hf;        /* HF layout */
 	st_file *ranks;    /* converted: model{r}-mp{N} */
 	named_tensor *map; /* HF layout: sorted by converted name */
@@ -77,6 +79,8 @@ static int open_ranks(struct model_files *f, char **names, size_t n, dsv3_error 
 		if (!found)
 			return dsv3_fail(err, DSV3_EDATA, "%s: %s is missing (%zu of %d rank files found)",
 					 f->dir, want, n, mp);
+		if (f->only >= 0 && r != f->only)
+			continue; /* another rank's file: never mapped here */
 		snprintf(path, sizeof path, "%s/%s", f->dir, want);
 		int rc = st_open(&f->ranks[r], path, err);
 		if (rc)
@@ -88,7 +92,8 @@ static int open_ranks(struct model_files *f, char **names, size_t n, dsv3_error 
 	return 0;
 }
 
-int model_files_open(struct model_files **out, const char *dir, dsv3_error *err)
+static int model_files_open(struct model_files **out, const char *dir, int only,
+			    dsv3_error *err)
 {
 	struct model_files *f = calloc(1, sizeof *f);
 	char **names = NULL;
@@ -97,12 +102,19 @@ int model_files_open(struct model_files **out, const char *dir, dsv3_error *err)
 	if (!f)
 		return dsv3_fail(err, DSV3_EIO, "out of memory");
 	f->dir = dir;
+	f->only = only;
 	*out = f;
 	rc = dir_glob(dir, "model*-mp*.safetensors", &names, &n, err);
 	if (rc)
 		return rc;
 	if (n > 0) {
 		rc = open_ranks(f, names, n, err);
+		if (!rc && only >= f->mp)
+			rc = dsv3_fail(err, DSV3_EUSAGE, "%s: rank %d of a job, but the checkpoint has "
+				       "%d rank files", dir, only, f->mp);
+	} else if (only >= 0) {
+		rc = dsv3_fail(err, DSV3_EUSAGE, "%s: several ranks need the converted shards "
+			       "model{r}-mp{N}.safetensors (dsv3-convert --model-parallel N)", dir);
 	} else {
 		rc = hf_ckpt_open(&f->hf, dir, err);
 		if (!rc)
@@ -114,7 +126,7 @@ int model_files_open(struct model_files **out, const char *dir, dsv3_error *err)
 	return rc;
 }
 
-void model_files_close(struct model_files *f)
+static void model_files_close(struct model_files *f)
 {
 	if (!f)
 		return;
@@ -137,7 +149,7 @@ static const st_tensor *find(const struct model_files *f, int r, const char *nam
 {
 	if (f->mp) {
 		*file = f->ranks[r].path;
-		return st_find(&f->ranks[r], name);
+		return f->ranks[r].map ? st_find(&f->ranks[r], name) : NULL;
 	}
 	named_tensor key;
 	snprintf(key.name, sizeof key.name, "%s", name);
@@ -199,16 +211,28 @@ static int load_view(struct model_files *f, weight_view *w, const char *prefix, 
 {
 	char name[200];
 	converted_name cn;
-	int rank = 0, n = 1, rc;
+	int rank = f->only >= 0 ? f->only : 0, n = 1, rc;
 	snprintf(name, sizeof name, "%s.weight", prefix);
 	w->split_dim = SPLIT_NONE;
 	if (f->mp > 1 && converted_name_info(name, &cn) == 0) {
 		if (cn.split_dim != SPLIT_NONE && cn.expert < 0) {
-			n = f->mp;
 			w->split_dim = cn.split_dim;
+			if (f->only < 0)
+				n = f->mp;
+			else if (cn.split_dim == 1) /* this rank's slice only */
+				cols /= f->mp;
+			else
+				rows /= f->mp;
 		}
-		/* Experts live whole on their rank; with a known expert count, find it. */
-		if (cn.expert >= 0)
+		/* Experts live whole on their rank: a tensor-parallel rank holds only its own
+		 * (the others stay empty views); merged, each is found where it is. */
+		if (cn.expert >= 0 && f->only >= 0 &&
+		    expert_rank(cn.expert, f->n_experts, f->mp) != f->only) {
+			memset(w, 0, sizeof *w);
+			w->split_dim = SPLIT_NONE;
+			return 0;
+		}
+		if (cn.expert >= 0 && f->only < 0)
 			rank = -1;
 	}
 	w->pieces = new_pieces(f, n);
@@ -302,10 +326,11 @@ static int load_moe(struct model_files *f, LayerWeights *lw, int l, const dsv3_c
 	if ((rc = load_view(f, &lw->gate, p, E, c->dim, err)))
 		return rc;
 	snprintf(p, sizeof p, "layers.%d.ffn.gate.bias", l);
-	*has_bias = find(f, 0, p, &file) != NULL;
+	int r = f->only >= 0 ? f->only : 0;
+	*has_bias = find(f, r, p, &file) != NULL;
 	if (*has_bias) {
 		/* The bias is a bare tensor (no .weight): view it directly. */
-		const st_tensor *t = find(f, 0, p, &file);
+		const st_tensor *t = find(f, r, p, &file);
 		lw->gate_bias.pieces = new_pieces(f, 1);
 		if (!lw->gate_bias.pieces)
 			return dsv3_fail(err, DSV3_EIO, "%s: too many weight pieces", f->dir);
@@ -335,11 +360,18 @@ static int load_moe(struct model_files *f, LayerWeights *lw, int l, const dsv3_c
 
 int weights_load(Weights *w, const dsv3_config *c, const char *dir, dsv3_error *err)
 {
+	return weights_load_rank(w, c, dir, -1, err);
+}
+
+int weights_load_rank(Weights *w, const dsv3_config *c, const char *dir, int rank,
+		      dsv3_error *err)
+{
 	int rc;
 	memset(w, 0, sizeof *w);
-	if ((rc = model_files_open(&w->files, dir, err)))
+	if ((rc = model_files_open(&w->files, dir, rank, err)))
 		return rc;
 	struct model_files *f = w->files;
+	f->n_experts = c->n_routed_experts;
 	/* Upper bound on views: per layer ~16 + 3 per expert, times the pieces each may have. */
 	f->cap_pieces = ((size_t)c->n_layers * (20 + 3 * (size_t)c->n_routed_experts) + 8) *
 			(size_t)(f->mp > 1 ? f->mp : 1);
@@ -378,4 +410,9 @@ void weights_free(Weights *w, const dsv3_config *c)
 	free(w->layers);
 	model_files_close(w->files);
 	memset(w, 0, sizeof *w);
+}
+
+int weights_mp(const Weights *w)
+{
+	return w->files ? w->files->mp : 0;
 }

@@ -8,8 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "comm.h"
 #include "cuda_model.h"
 #include "model_load.h"
+#include "parallel.h"
 
 /* ---- derived numbers ---- */
 
@@ -119,7 +121,8 @@ static int state_alloc(RunState *s, const Config *cf, int n_seqs)
 	s->cache_c = calloc(cache_rows * lora, sizeof(float));
 	s->cache_pe = calloc(cache_rows * rope, sizeof(float));
 	s->logits = calloc((size_t)c->vocab_size, sizeof(float));
-	if (chunk_alloc(s, cf, hidden))
+	s->logits_local = cf->world > 1 ? calloc((size_t)cf->vocab_n, sizeof(float)) : s->logits;
+	if (chunk_alloc(s, cf, hidden) || !s->logits_local)
 		return -1;
 	if (!s->x || !s->q_a || !s->q || !s->kv || !s->attn_out || !s->h1 || !s->scores ||
 	    !s->topk || !s->att_scratch || !s->rope_cos || !s->cache_c || !s->cache_pe || !s->logits)
@@ -142,6 +145,8 @@ static void state_free(RunState *s)
 	free(s->rope_cos);
 	free(s->cache_c);
 	free(s->cache_pe);
+	if (s->logits_local != s->logits)
+		free(s->logits_local);
 	free(s->logits);
 	free(s->chunk.x);
 	free(s->chunk.topk);
@@ -204,6 +209,23 @@ const char *model_device_name(model_device d)
 int model_open_device(Model *m, const char *dir, const char *config_path, int max_seq_len,
 		      int n_seqs, int n_threads, model_device device, dsv3_error *err)
 {
+	return model_open_parallel(m, dir, config_path, max_seq_len, n_seqs, n_threads, device,
+				   NULL, err);
+}
+
+/* This rank's share of DESIGN §3.3's split (parallel_preflight checks that it divides). */
+static void set_ranks(Config *cf, const comm *c)
+{
+	cf->rank = comm_rank(c);
+	cf->world = comm_size(c);
+	cf->n_local_heads = cf->c.n_heads / cf->world;
+	cf->vocab_n = cf->c.vocab_size / cf->world;
+	cf->vocab_lo = cf->rank * cf->vocab_n;
+}
+
+int model_open_parallel(Model *m, const char *dir, const char *config_path, int max_seq_len,
+			int n_seqs, int n_threads, model_device device, comm *c, dsv3_error *err)
+{
 	char path[4096];
 	int rc;
 	memset(m, 0, sizeof *m);
@@ -221,7 +243,23 @@ int model_open_device(Model *m, const char *dir, const char *config_path, int ma
 		return dsv3_fail(err, DSV3_EUSAGE, "model_open: n_seqs %d < 1", n_seqs);
 	if ((rc = check_config(&cf->c, path, err)))
 		return rc;
-	if ((rc = weights_load(&m->weights, &cf->c, dir, err))) {
+	set_ranks(cf, c);
+	m->comm = cf->world > 1 ? c : NULL;
+	/* Every check that can fail on one rank comes before the first collective: a rank that
+	 * fails ends the job (comm_fail) instead of leaving the others waiting. */
+	if (m->comm && (rc = parallel_preflight(c, dir, &cf->c, err)))
+		return rc;
+	if (m->comm && device == MODEL_DEVICE_AUTO)
+		device = MODEL_DEVICE_CPU;
+	if (m->comm && device == MODEL_DEVICE_CUDA)
+		return dsv3_fail(err, DSV3_EUSAGE, "--device cuda with %d MPI ranks: the GPU ranks "
+				 "are not built yet; run the CPU ranks (--device cpu)", cf->world);
+	rc = m->comm ? weights_load_rank(&m->weights, &cf->c, dir, cf->rank, err)
+		     : weights_load(&m->weights, &cf->c, dir, err);
+	if (!rc && m->comm && weights_mp(&m->weights) != cf->world)
+		rc = dsv3_fail(err, DSV3_EUSAGE, "%s holds shards for %d ranks, the job has %d",
+			       dir, weights_mp(&m->weights), cf->world);
+	if (rc) {
 		model_close(m);
 		return rc;
 	}
@@ -286,7 +324,7 @@ static void mla(Model *m, const LayerWeights *lw, int layer, int seq, int pos, f
 	} else {
 		op_matvec(m->pool, s->q, &lw->wq, s->xn);
 	}
-	for (int h = 0; h < c->n_heads; h++)
+	for (int h = 0; h < cf->n_local_heads; h++)
 		op_rope(s->q + (size_t)h * cf->q_head_dim + nope, rope, s->rope_cos, s->rope_sin);
 
 	op_matvec(m->pool, s->kv, &lw->wkv_a, s->xn);
@@ -296,11 +334,12 @@ static void mla(Model *m, const LayerWeights *lw, int layer, int seq, int pos, f
 	memcpy(pe_new, s->kv + lora, sizeof(float) * rope);
 	op_rope(pe_new, rope, s->rope_cos, s->rope_sin);
 
-	mla_dims d = { c->n_heads, nope, rope, c->v_head_dim, lora, cf->softmax_scale };
+	mla_dims d = { cf->n_local_heads, nope, rope, c->v_head_dim, lora, cf->softmax_scale };
 	op_mla_attention(m->pool, s->attn_out, s->q, &lw->wkv_b,
 			 cache_row(s->cache_c, cf, lora, seq, layer, 0),
 			 cache_row(s->cache_pe, cf, rope, seq, layer, 0), pos + 1, &d, s->att_scratch);
 	op_matvec(m->pool, out, &lw->wo, s->attn_out);
+	comm_allreduce_sum(m->comm, out, (size_t)c->dim); /* wo is split by its input columns */
 }
 
 /* MLP: w2(silu(w1 x) * w3 x). */
@@ -389,15 +428,44 @@ static void moe(Model *m, const LayerWeights *lw, float *out)
 	memset(s->moe_out, 0, sizeof(float) * c->dim);
 	for (int k = 0; k < c->n_activated_experts; k++) {
 		int e = s->topk[k];
+		if (!lw->ew1[e].rows)
+			continue; /* another rank's expert */
 		mlp(m, &lw->ew1[e], &lw->ew2[e], &lw->ew3[e], s->xn, out);
 		op_add_scaled(s->moe_out, out, weights[k], c->dim);
 	}
 	mlp(m, &lw->w1, &lw->w2, &lw->w3, s->xn, out);
 	for (int i = 0; i < c->dim; i++)
 		out[i] = s->moe_out[i] + out[i];
+	/* this rank's experts plus its slice of the shared experts: one sum over the ranks */
+	comm_allreduce_sum(m->comm, out, (size_t)c->dim);
 }
 
 /* ---- forward ---- */
+
+/* The embedding rows of tokens[0:n] into x [n, dim], vocab-parallel: this rank's rows of the
+ * vocabulary, zeros for tokens another rank holds, summed over the ranks. */
+static void embed(Model *m, float *x, const int *tokens, int n)
+{
+	const Config *cf = &m->config;
+	int dim = cf->c.dim;
+	for (int b = 0; b < n; b++) {
+		int t = tokens[b] - cf->vocab_lo;
+		if (t >= 0 && t < cf->vocab_n)
+			op_weight_row(x + (size_t)b * dim, &m->weights.embed, t);
+		else
+			memset(x + (size_t)b * dim, 0, sizeof(float) * dim);
+	}
+	comm_allreduce_sum(m->comm, x, (size_t)n * dim);
+}
+
+/* The head over the final hidden state x: this rank's rows of the vocabulary, gathered. */
+static float *head(Model *m, const float *x)
+{
+	RunState *s = &m->state;
+	op_matvec(m->pool, s->logits_local, &m->weights.head, x);
+	comm_allgather(m->comm, s->logits_local, (size_t)m->config.vocab_n, s->logits);
+	return s->logits;
+}
 
 /* The blocks over one token: the residual stream s->x after the last layer, the cache filled. */
 static void forward_blocks(Model *m, int seq, int token, int pos)
@@ -407,7 +475,7 @@ static void forward_blocks(Model *m, int seq, int token, int pos)
 	RunState *s = &m->state;
 	const Weights *w = &m->weights;
 
-	op_weight_row(s->x, &w->embed, token);
+	embed(m, s->x, &token, 1);
 	for (int i = 0; i < c->qk_rope_head_dim / 2; i++) {
 		float angle = (float)pos * s->inv_freq[i];
 		s->rope_cos[i] = cosf(angle);
@@ -419,10 +487,12 @@ static void forward_blocks(Model *m, int seq, int token, int pos)
 		mla(m, lw, l, seq, pos, s->tmp);
 		op_add_scaled(s->x, s->tmp, 1.0f, c->dim);
 		op_rmsnorm(s->xn, s->x, &lw->ffn_norm, c->dim, cf->eps);
-		if (l < c->n_dense_layers)
+		if (l < c->n_dense_layers) {
 			mlp(m, &lw->w1, &lw->w2, &lw->w3, s->xn, s->tmp);
-		else
+			comm_allreduce_sum(m->comm, s->tmp, (size_t)c->dim);
+		} else {
 			moe(m, lw, s->tmp);
+		}
 		op_add_scaled(s->x, s->tmp, 1.0f, c->dim);
 	}
 }
@@ -443,8 +513,7 @@ float *forward(Model *m, int seq, int token, int pos)
 		return cuda_forward_batch(m->gpu, 1, &seq, &token, &pos, s->logits);
 	forward_blocks(m, seq, token, pos);
 	op_rmsnorm(s->x, s->x, &m->weights.norm, m->config.c.dim, m->config.eps);
-	op_matvec(m->pool, s->logits, &m->weights.head, s->x);
-	return s->logits;
+	return head(m, s->x);
 }
 
 /* ---- a chunk of prompt tokens at once ---- */
@@ -466,7 +535,7 @@ static void mla_chunk(Model *m, const LayerWeights *lw, int layer, int seq, int 
 	const dsv3_config *c = &cf->c;
 	RunState *s = &m->state;
 	int lora = c->kv_lora_rank, rope = c->qk_rope_head_dim, nope = c->qk_nope_head_dim;
-	int qw = c->n_heads * cf->q_head_dim, kvw = lora + rope, half = rope / 2;
+	int qw = cf->n_local_heads * cf->q_head_dim, kvw = lora + rope, half = rope / 2;
 
 	if (c->q_lora_rank > 0) {
 		op_matmul(m->pool, s->chunk.q_a, &lw->wq_a, s->chunk.xn, n);
@@ -483,7 +552,7 @@ static void mla_chunk(Model *m, const LayerWeights *lw, int layer, int seq, int 
 		const float *cs = s->chunk.cos_a + (size_t)b * half, *sn = s->chunk.sin_a + (size_t)b * half;
 		const float *kv = s->chunk.kv + (size_t)b * kvw;
 		float *q = s->chunk.q + (size_t)b * qw;
-		for (int h = 0; h < c->n_heads; h++)
+		for (int h = 0; h < cf->n_local_heads; h++)
 			op_rope(q + (size_t)h * cf->q_head_dim + nope, rope, cs, sn);
 		float *c_new = cache_row(s->cache_c, cf, lora, seq, layer, pos + b);
 		float *pe_new = cache_row(s->cache_pe, cf, rope, seq, layer, pos + b);
@@ -491,14 +560,15 @@ static void mla_chunk(Model *m, const LayerWeights *lw, int layer, int seq, int 
 		memcpy(pe_new, kv + lora, sizeof(float) * rope);
 		op_rope(pe_new, rope, cs, sn);
 	}
-	mla_dims d = { c->n_heads, nope, rope, c->v_head_dim, lora, cf->softmax_scale };
+	mla_dims d = { cf->n_local_heads, nope, rope, c->v_head_dim, lora, cf->softmax_scale };
 	for (int b = 0; b < n; b++) /* causal: token b sees the cache up to its own position */
-		op_mla_attention(m->pool, s->chunk.attn_out + (size_t)b * c->n_heads * c->v_head_dim,
+		op_mla_attention(m->pool, s->chunk.attn_out + (size_t)b * cf->n_local_heads * c->v_head_dim,
 				 s->chunk.q + (size_t)b * qw, &lw->wkv_b,
 				 cache_row(s->cache_c, cf, lora, seq, layer, 0),
 				 cache_row(s->cache_pe, cf, rope, seq, layer, 0), pos + b + 1, &d,
 				 s->att_scratch);
 	op_matmul(m->pool, s->chunk.tmp, &lw->wo, s->chunk.attn_out, n);
+	comm_allreduce_sum(m->comm, s->chunk.tmp, (size_t)n * c->dim);
 }
 
 /* Routes every token, then runs each expert once over the tokens sent to it (in expert order,
@@ -514,6 +584,8 @@ static void moe_chunk(Model *m, const LayerWeights *lw, int n)
 		     s->chunk.weights + (size_t)b * K);
 	memset(s->chunk.moe_out, 0, sizeof(float) * dim * n);
 	for (int e = 0; e < c->n_routed_experts; e++) {
+		if (!lw->ew1[e].rows)
+			continue; /* another rank's expert */
 		int g = 0;
 		for (int b = 0; b < n; b++)
 			for (int k = 0; k < K; k++)
@@ -534,6 +606,7 @@ static void moe_chunk(Model *m, const LayerWeights *lw, int n)
 	mlp_chunk(m, &lw->w1, &lw->w2, &lw->w3, s->chunk.xn, n, s->chunk.tmp);
 	for (int i = 0; i < dim * n; i++)
 		s->chunk.tmp[i] = s->chunk.moe_out[i] + s->chunk.tmp[i];
+	comm_allreduce_sum(m->comm, s->chunk.tmp, (size_t)n * dim);
 }
 
 static void forward_chunk(Model *m, int seq, const int *tokens, int n, int pos)
@@ -544,8 +617,8 @@ static void forward_chunk(Model *m, int seq, const int *tokens, int n, int pos)
 	const Weights *w = &m->weights;
 	int dim = c->dim, half = c->qk_rope_head_dim / 2;
 
+	embed(m, s->chunk.x, tokens, n);
 	for (int b = 0; b < n; b++) {
-		op_weight_row(s->chunk.x + (size_t)b * dim, &w->embed, tokens[b]);
 		for (int i = 0; i < half; i++) {
 			float angle = (float)(pos + b) * s->inv_freq[i];
 			s->chunk.cos_a[b * half + i] = cosf(angle);
@@ -562,10 +635,12 @@ static void forward_chunk(Model *m, int seq, const int *tokens, int n, int pos)
 		for (int b = 0; b < n; b++)
 			op_rmsnorm(s->chunk.xn + (size_t)b * dim, s->chunk.x + (size_t)b * dim,
 				   &lw->ffn_norm, dim, cf->eps);
-		if (l < c->n_dense_layers)
+		if (l < c->n_dense_layers) {
 			mlp_chunk(m, &lw->w1, &lw->w2, &lw->w3, s->chunk.xn, n, s->chunk.tmp);
-		else
+			comm_allreduce_sum(m->comm, s->chunk.tmp, (size_t)n * dim);
+		} else {
 			moe_chunk(m, lw, n);
+		}
 		op_add_scaled(s->chunk.x, s->chunk.tmp, 1.0f, dim * n);
 	}
 }
@@ -586,8 +661,7 @@ float *forward_prompt(Model *m, int seq, const int *tokens, int n, int pos)
 	}
 	memcpy(s->x, s->chunk.x + (size_t)(last - 1) * dim, sizeof(float) * dim);
 	op_rmsnorm(s->x, s->x, &m->weights.norm, dim, m->config.eps);
-	op_matvec(m->pool, s->logits, &m->weights.head, s->x);
-	return s->logits;
+	return head(m, s->x);
 }
 
 float *forward_batch(Model *m, int n, const int *seqs, const int *tokens, const int *pos)

@@ -17,6 +17,11 @@ typedef struct {
 	int q_head_dim;      /* qk_nope + qk_rope */
 	float softmax_scale; /* with mscale^2 when max_seq_len > original_seq_len */
 	float eps;           /* 1e-6 */
+	/* Tensor parallelism (DESIGN §5): rank `rank` of `world` holds H / world heads, its slices
+	 * of the split weights and experts [rank * E / world, (rank + 1) * E / world). */
+	int rank, world;
+	int n_local_heads;
+	int vocab_lo, vocab_n; /* the embedding and head rows this rank holds */
 } Config;
 
 typedef struct {
@@ -56,6 +61,7 @@ typedef struct {
 	float *cache_c;           /* [n_seqs, n_layers, max_seq_len, lora] */
 	float *cache_pe;          /* [n_seqs, n_layers, max_seq_len, rope] */
 	float *logits;            /* [vocab] */
+	float *logits_local;      /* [vocab / world]: this rank's rows of the head, gathered */
 	/* forward_prompt's chunk of up to PREFILL_CHUNK tokens: [chunk, width] each. */
 	struct {
 		float *x, *xn, *tmp, *moe_out, *q_a, *q, *kv, *attn_out, *h1, *h3;
@@ -74,6 +80,7 @@ typedef struct {
 typedef enum { MODEL_DEVICE_AUTO = 0, MODEL_DEVICE_CPU, MODEL_DEVICE_CUDA } model_device;
 
 struct cuda_model; /* cuda_model.h */
+struct comm;       /* comm.h */
 
 typedef struct {
 	Config config;
@@ -83,6 +90,7 @@ typedef struct {
 	model_device device;     /* CPU or CUDA once open, never AUTO */
 	struct cuda_model *gpu;  /* the device copy of the weights and state; NULL on the CPU */
 	float *batch_logits;     /* [n_seqs, vocab]: forward_batch's result */
+	struct comm *comm;       /* the tensor-parallel ranks; NULL: one */
 } Model;
 
 /* Opens a checkpoint directory (HF layout, FP8 or BF16, or converted model{r}-mp{N} shards,
@@ -98,6 +106,13 @@ int model_open_config(Model *m, const char *dir, const char *config_path, int ma
 /* The same on a chosen device ("cpu", "cuda" or "auto" through model_device_parse). */
 int model_open_device(Model *m, const char *dir, const char *config_path, int max_seq_len,
 		      int n_seqs, int n_threads, model_device device, dsv3_error *err);
+/* Rank comm_rank(c) of comm_size(c) tensor-parallel ranks (DESIGN §5): DIR must hold converted
+ * shards model{r}-mp{N} with N the number of ranks, and only this rank's file is mapped. Every
+ * rank must then make the same forward calls with the same arguments; each returns the whole
+ * logits. c NULL (or of size 1): model_open_device. */
+int model_open_parallel(Model *m, const char *dir, const char *config_path, int max_seq_len,
+			int n_seqs, int n_threads, model_device device, struct comm *c,
+			dsv3_error *err);
 void model_close(Model *m);
 /* "cpu", "cuda" or "auto" -> *out; anything else is DSV3_EUSAGE. */
 int model_device_parse(const char *name, model_device *out, dsv3_error *err);

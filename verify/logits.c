@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "comm.h"
 #include "cuda_model.h"
 #include "model.h"
 #include "verify.h"
@@ -263,16 +264,30 @@ int verify_logits(int argc, char **argv)
 	const char *ms = metadata(&g, "max_seq_len");
 	if (!max_seq && ms)
 		max_seq = atoi(ms);
+	/* Under mpirun every rank runs the same cases over its own shard (each reads the golden
+	 * file) and gets the whole logits; rank 0 alone prints. A failing rank ends them all. */
+	comm *c = NULL;
+	if ((rc = comm_open_mpi(&c, &err)))
+		return dsv3_report(VERIFY_PROG, &err);
+	if (comm_rank(c) > 0 && !freopen("/dev/null", "w", stdout))
+		comm_abort(c, DSV3_EIO);
 	Model m;
 	const limits *lim = &cpu_limits;
-	rc = model_open_device(&m, ckpt, NULL, max_seq, 1, threads, device, &err);
+	rc = model_open_parallel(&m, ckpt, NULL, max_seq, 1, threads, device, c, &err);
 	if (!rc) {
 		lim = m.device == MODEL_DEVICE_CUDA ? &gpu_limits : &cpu_limits;
-		printf("device %s, limits: %s\n", model_device_name(m.device), lim->text);
+		if (comm_size(c) > 1)
+			printf("device %s, %d ranks, limits: %s\n", model_device_name(m.device),
+			       comm_size(c), lim->text);
+		else
+			printf("device %s, limits: %s\n", model_device_name(m.device), lim->text);
 		rc = verify_cases(&m, &g, verbose, lim, &failed, &err);
 		model_close(&m);
 	}
 	st_close(&g);
+	if (rc && comm_size(c) > 1)
+		comm_fail(c, VERIFY_PROG, &err);
+	comm_close(c);
 	if (rc)
 		return dsv3_report(VERIFY_PROG, &err);
 	if (failed)

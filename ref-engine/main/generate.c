@@ -1,6 +1,10 @@
 /* dsv3-generate: text generation with the reference engine, with the official demo's flags
  * (generate.py: --ckpt-path --config --interactive --input-file --max-new-tokens --temperature)
- * plus --max-seq-len --seed --device --threads --dump-logits --tokenizer. */
+ * plus --max-seq-len --seed --device --threads --dump-logits --tokenizer.
+ *
+ * Under mpirun each rank holds one shard (model_open_parallel); rank 0 alone reads the prompts,
+ * samples and prints, and broadcasts what the others need (the prompt text, each chosen token),
+ * so every rank makes the same forward calls. */
 #include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
@@ -12,6 +16,7 @@
 #include <time.h>
 
 #include "cli.h"
+#include "comm.h"
 #include "cuda_model.h"
 #include "error.h"
 #include "model.h"
@@ -47,6 +52,8 @@ typedef struct {
 	unsigned char *special; /* [tokenizer ids]: 1 for "special" added tokens, not printed */
 	double prefill_s, decode_s;
 	long prefill_n, decode_n; /* decode_n counts every sequence's tokens of a batched step */
+	comm *comm;               /* the ranks of an mpirun job; NULL: one */
+	double decode_comm_s;     /* of decode_s, the time inside collectives */
 } engine;
 
 /* One decode step of the sequences still generating: forward_batch's arguments. */
@@ -221,9 +228,14 @@ static double now_s(void)
 
 static void print_speed(const engine *e)
 {
+	if (comm_rank(e->comm) > 0)
+		return;
 	fprintf(stderr, "prefill: %ld tokens in %.3f s (%.1f tokens/s); decode: %ld tokens in %.3f s (%.1f tokens/s)\n",
 		e->prefill_n, e->prefill_s, e->prefill_s > 0 ? e->prefill_n / e->prefill_s : 0.0, e->decode_n,
 		e->decode_s, e->decode_s > 0 ? e->decode_n / e->decode_s : 0.0);
+	if (comm_size(e->comm) > 1 && e->decode_n > 0)
+		fprintf(stderr, "decode collectives (rank 0): %.3f s, %.3f ms per step of one token\n",
+			e->decode_comm_s, 1e3 * e->decode_comm_s / (double)e->decode_n);
 }
 
 /* Feeds tokens[from .. n_prompt) of sequence i (from < n_prompt) in chunks; keeps the last
@@ -242,7 +254,10 @@ static void prefill(engine *e, int i, sequence *s, int from)
 static int32_t choose(engine *e, sequence *s)
 {
 	const options *o = e->o;
-	int32_t t = sample_token(&s->smp, s->logits, e->vocab, o->temperature, e->probs);
+	int32_t t = 0;
+	if (comm_rank(e->comm) == 0)
+		t = sample_token(&s->smp, s->logits, e->vocab, o->temperature, e->probs);
+	comm_broadcast(e->comm, &t, sizeof t, 0); /* rank 0's choice, whatever the others' logits */
 	if (s->dump)
 		memcpy(s->dump + (size_t)s->n_gen * e->vocab, s->logits, sizeof(float) * (size_t)e->vocab);
 	int pos = s->n_prompt + s->n_gen;
@@ -259,9 +274,10 @@ static int32_t step(engine *e, int i, sequence *s)
 	int32_t t = choose(e, s);
 	if (s->done)
 		return t;
-	double t0 = now_s();
+	double t0 = now_s(), c0 = comm_seconds(e->comm);
 	memcpy(s->logits, forward(&e->m, i, t, s->n_prompt + s->n_gen - 1), sizeof(float) * (size_t)e->vocab);
 	e->decode_s += now_s() - t0;
+	e->decode_comm_s += comm_seconds(e->comm) - c0;
 	e->decode_n++;
 	return t;
 }
@@ -357,10 +373,11 @@ static void engine_close(engine *e)
 	tokenizer_close(e->tok);
 }
 
-static int engine_open(engine *e, const options *o, int n_seqs, dsv3_error *err)
+static int engine_open(engine *e, const options *o, int n_seqs, comm *c, dsv3_error *err)
 {
 	memset(e, 0, sizeof *e);
 	e->o = o;
+	e->comm = c;
 	int rc = tokenizer_open(&e->tok, o->tokenizer, err);
 	if (rc)
 		return rc;
@@ -369,13 +386,18 @@ static int engine_open(engine *e, const options *o, int n_seqs, dsv3_error *err)
 		tokenizer_close(e->tok);
 		return rc;
 	}
-	rc = model_open_device(&e->m, o->ckpt, NULL, o->max_seq_len, n_seqs, o->threads, o->device, err);
+	rc = model_open_parallel(&e->m, o->ckpt, NULL, o->max_seq_len, n_seqs, o->threads,
+				 o->device, c, err);
 	if (rc) {
 		free(e->special);
 		tokenizer_close(e->tok);
 		return rc;
 	}
-	fprintf(stderr, "device: %s\n", model_device_name(e->m.device));
+	if (comm_size(c) > 1 && comm_rank(c) == 0)
+		fprintf(stderr, "device: %s, %d ranks\n", model_device_name(e->m.device),
+			comm_size(c));
+	else if (comm_size(c) == 1)
+		fprintf(stderr, "device: %s\n", model_device_name(e->m.device));
 	e->vocab = e->m.config.c.vocab_size;
 	e->probs = malloc(sizeof(float) * (size_t)e->vocab);
 	if (!e->probs)
@@ -405,13 +427,32 @@ static void seq_free(sequence *s)
 
 /* ---- batch mode ---- */
 
+/* Rank 0's text (*buf, *len, NUL-terminated) onto every rank (the others' *buf is malloc'ed). */
+static int share_text(comm *c, char **buf, size_t *len, dsv3_error *err)
+{
+	uint64_t n = comm_rank(c) == 0 ? *len : 0;
+	comm_broadcast(c, &n, sizeof n, 0);
+	if (comm_rank(c) > 0) {
+		*buf = malloc(n + 1);
+		if (!*buf)
+			return dsv3_fail(err, DSV3_EIO, "out of memory");
+		(*buf)[n] = 0;
+		*len = n;
+	}
+	comm_broadcast(c, *buf, n, 0);
+	return 0;
+}
+
 /* Splits the file into its lines, stripped of surrounding whitespace, in place; empty lines are
  * skipped. */
-static int read_prompts(const char *path, char **buf, char ***lines, int *n, dsv3_error *err)
+static int read_prompts(comm *c, const char *path, char **buf, char ***lines, int *n,
+			dsv3_error *err)
 {
 	size_t len;
-	int rc = read_file(path, buf, &len, err);
+	int rc = comm_rank(c) == 0 ? read_file(path, buf, &len, err) : 0;
 	if (rc)
+		return rc;
+	if ((rc = share_text(c, buf, &len, err)))
 		return rc;
 	*n = 0;
 	*lines = malloc(sizeof(char *) * (len + 1));
@@ -521,11 +562,12 @@ static void batch_generate(engine *e, sequence *seqs, int n, batch_step *b)
 	for (int i = 0; i < n; i++)
 		prefill(e, i, &seqs[i], 0);
 	for (int k; (k = batch_choose(e, seqs, n, b)) > 0;) {
-		double t0 = now_s();
+		double t0 = now_s(), c0 = comm_seconds(e->comm);
 		float *logits = forward_batch(&e->m, k, b->seqs, b->tokens, b->pos);
 		for (int j = 0; j < k; j++)
 			memcpy(seqs[b->seqs[j]].logits, logits + (size_t)j * e->vocab, row);
 		e->decode_s += now_s() - t0;
+		e->decode_comm_s += comm_seconds(e->comm) - c0;
 		e->decode_n += k;
 	}
 }
@@ -558,15 +600,15 @@ static int batch_print(engine *e, char **lines, sequence *seqs, int n, dsv3_erro
 	return fflush(stdout) ? dsv3_fail_errno(err, "stdout: cannot write") : DSV3_OK;
 }
 
-static int run_batch(const options *o, dsv3_error *err)
+static int run_batch(const options *o, comm *c, dsv3_error *err)
 {
 	char *buf = NULL, **lines = NULL;
 	int n = 0;
 	engine e;
 	sequence *seqs = NULL;
 	batch_step b = { 0 };
-	int rc = read_prompts(o->input_file, &buf, &lines, &n, err);
-	if (rc || (rc = engine_open(&e, o, n, err)))
+	int rc = read_prompts(c, o->input_file, &buf, &lines, &n, err);
+	if (rc || (rc = engine_open(&e, o, n, c, err)))
 		goto out_prompts;
 	seqs = calloc((size_t)n, sizeof *seqs);
 	if (!seqs || !batch_step_alloc(&b, n))
@@ -578,7 +620,7 @@ static int run_batch(const options *o, dsv3_error *err)
 		rc = batch_print(&e, lines, seqs, n, err);
 		print_speed(&e);
 	}
-	if (!rc && o->dump_logits)
+	if (!rc && o->dump_logits && comm_rank(c) == 0)
 		rc = write_dump(&e, seqs, n, err);
 	for (int i = 0; seqs && i < n; i++)
 		seq_free(&seqs[i]);
@@ -683,6 +725,24 @@ static int chat_turn_run(engine *e, conversation *c, sequence *s, int *n_cached,
 	return rc;
 }
 
+/* A line of stdin read by rank 0 and sent to every rank; -1 at the end of input. */
+static ssize_t read_line(comm *c, char **line, size_t *cap)
+{
+	int64_t n = comm_rank(c) == 0 ? (int64_t)getline(line, cap, stdin) : 0;
+	comm_broadcast(c, &n, sizeof n, 0);
+	if (n < 0 || comm_size(c) == 1)
+		return (ssize_t)n;
+	if (comm_rank(c) > 0 && *cap < (size_t)n + 1) {
+		char *grown = realloc(*line, (size_t)n + 1);
+		if (!grown)
+			comm_abort(c, DSV3_EIO);
+		*line = grown;
+		*cap = (size_t)n + 1;
+	}
+	comm_broadcast(c, *line, (size_t)n + 1, 0);
+	return (ssize_t)n;
+}
+
 static int interact(engine *e, sequence *s, dsv3_error *err)
 {
 	conversation c = { 0 };
@@ -693,7 +753,7 @@ static int interact(engine *e, sequence *s, dsv3_error *err)
 	while (!rc) {
 		printf(">>> ");
 		fflush(stdout);
-		if ((n = getline(&line, &cap, stdin)) < 0)
+		if ((n = read_line(e->comm, &line, &cap)) < 0)
 			break;
 		while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
 			line[--n] = 0;
@@ -723,11 +783,11 @@ static int interact(engine *e, sequence *s, dsv3_error *err)
 	return rc;
 }
 
-static int run_interactive(const options *o, dsv3_error *err)
+static int run_interactive(const options *o, comm *c, dsv3_error *err)
 {
 	engine e;
 	sequence s = { 0 };
-	int rc = engine_open(&e, o, 1, err);
+	int rc = engine_open(&e, o, 1, c, err);
 	if (rc)
 		return rc;
 	if (!seq_alloc(&s, &e, 0))
@@ -751,7 +811,15 @@ int main(int argc, char **argv)
 		return 0;
 	if (!rc)
 		rc = check_config_flag(&o, &err);
+	comm *c = NULL;
 	if (!rc)
-		rc = o.interactive ? run_interactive(&o, &err) : run_batch(&o, &err);
+		rc = comm_open_mpi(&c, &err);
+	if (!rc && comm_rank(c) > 0 && !freopen("/dev/null", "w", stdout))
+		rc = dsv3_fail_errno(&err, "/dev/null");
+	if (!rc)
+		rc = o.interactive ? run_interactive(&o, c, &err) : run_batch(&o, c, &err);
+	if (rc && comm_size(c) > 1)
+		comm_fail(c, PROG, &err); /* every rank ends, not only this one */
+	comm_close(c);
 	return rc ? dsv3_report(PROG, &err) : 0;
 }
