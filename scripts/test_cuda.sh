@@ -109,6 +109,32 @@ for label in tiny tiny-v2 tiny-bf16; do
 	done
 done
 
+# ---- 1b. what the engine allocates on the GPU against dsv3-plan's figure ----
+
+# DSV3_CUDA_MEM=1 makes the engine print the bytes it asked cudaMalloc for; dsv3-plan's
+# gpu_bytes_per_rank[0] for the same checkpoint, max-seq-len and batch must be within 10%.
+gpu_mem_matches_plan() { # CKPT GOLDEN MAX_SEQ_LEN
+	DSV3_CUDA_MEM=1 "$bin/dsv3-verify" logits --device cuda --ckpt-path "$1" --golden "$2" \
+		--max-seq-len "$3" >"$work/mem.out" 2>"$work/mem.err" || { cat "$work/mem.out" "$work/mem.err"; return 1; }
+	"$bin/dsv3-plan" --ckpt-path "$1" --max-seq-len "$3" --batch 1 --json >"$work/plan.json" || return 1
+	python3 - "$work/mem.err" "$work/plan.json" <<'EOF'
+import json, re, sys
+text = open(sys.argv[1]).read()
+m = re.search(r"cuda: (\d+) bytes allocated", text)
+if not m:
+    sys.exit("no 'cuda: N bytes allocated' line in: " + text)
+got = int(m.group(1))
+plan = json.load(open(sys.argv[2]))["gpu_bytes_per_rank"][0]
+off = (plan - got) / got
+print("allocated %d bytes, dsv3-plan %d (%+.1f%%)" % (got, plan, 100 * off))
+sys.exit(0 if abs(off) <= 0.10 else 1)
+EOF
+}
+for pair in "tiny golden/tiny.safetensors" "tiny-v2 golden/tiny-v2.safetensors" "tiny-bf16 golden/tiny-bf16.safetensors"; do
+	set -- $pair
+	check "GPU memory of $1 (max-seq-len 4096) within 10% of dsv3-plan" gpu_mem_matches_plan "$work/$1" "$2" 4096
+done
+
 # ---- 2. greedy generation: CPU and CUDA write the same text ----
 
 # Prompts of 4 to ~70 tokens in the chat format (past the CPU's 32-token prefill chunk), as one

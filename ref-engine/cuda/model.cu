@@ -60,6 +60,7 @@ struct cuda_model {
 	dlayer *layers;
 	void **allocs;
 	int n_allocs, cap_allocs;
+	size_t bytes_allocated; /* sum of the cudaMalloc sizes asked for (DSV3_CUDA_MEM=1 prints it) */
 	cudaStream_t stream;
 	cublasHandle_t blas;
 	/* state */
@@ -133,6 +134,7 @@ static void *dalloc(cuda_model *g, size_t bytes, const char *what)
 	void *p = NULL;
 	cuda_where(-1, what);
 	CK(cudaMalloc(&p, bytes ? bytes : 16));
+	g->bytes_allocated += bytes ? bytes : 16;
 	if (g->n_allocs == g->cap_allocs) {
 		g->cap_allocs = g->cap_allocs ? 2 * g->cap_allocs : 256;
 		g->allocs = (void **)realloc(g->allocs, sizeof(void *) * g->cap_allocs);
@@ -918,8 +920,14 @@ extern "C" int cuda_model_open(cuda_model **out, const Config *cf, const Weights
 		cuda_model_close(g);
 		return rc;
 	}
+	size_t weights = g->bytes_allocated;
 	state_alloc(g);
 	CK(cudaDeviceSynchronize());
+	/* What dsv3-plan's gpu_bytes_per_rank predicts: weights as stored, KV cache, scratch. */
+	const char *mem = getenv("DSV3_CUDA_MEM");
+	if (mem && *mem == '1')
+		fprintf(stderr, "cuda: %zu bytes allocated (%zu weights, %zu state)\n",
+			g->bytes_allocated, weights, g->bytes_allocated - weights);
 	*out = g;
 	return 0;
 }
