@@ -54,6 +54,7 @@ typedef struct {
 	long prefill_n, decode_n; /* decode_n counts every sequence's tokens of a batched step */
 	comm *comm;               /* the ranks of an mpirun job; NULL: one */
 	double decode_comm_s;     /* of decode_s, the time inside collectives */
+	long decode_steps;        /* forward / forward_batch calls while decoding */
 } engine;
 
 /* One decode step of the sequences still generating: forward_batch's arguments. */
@@ -233,9 +234,9 @@ static void print_speed(const engine *e)
 	fprintf(stderr, "prefill: %ld tokens in %.3f s (%.1f tokens/s); decode: %ld tokens in %.3f s (%.1f tokens/s)\n",
 		e->prefill_n, e->prefill_s, e->prefill_s > 0 ? e->prefill_n / e->prefill_s : 0.0, e->decode_n,
 		e->decode_s, e->decode_s > 0 ? e->decode_n / e->decode_s : 0.0);
-	if (comm_size(e->comm) > 1 && e->decode_n > 0)
-		fprintf(stderr, "decode collectives (rank 0): %.3f s, %.3f ms per step of one token\n",
-			e->decode_comm_s, 1e3 * e->decode_comm_s / (double)e->decode_n);
+	if (comm_size(e->comm) > 1 && e->decode_steps > 0)
+		fprintf(stderr, "decode collectives (rank 0): %.3f s, %.3f ms per decode step\n",
+			e->decode_comm_s, 1e3 * e->decode_comm_s / (double)e->decode_steps);
 }
 
 /* Feeds tokens[from .. n_prompt) of sequence i (from < n_prompt) in chunks; keeps the last
@@ -279,6 +280,7 @@ static int32_t step(engine *e, int i, sequence *s)
 	e->decode_s += now_s() - t0;
 	e->decode_comm_s += comm_seconds(e->comm) - c0;
 	e->decode_n++;
+	e->decode_steps++;
 	return t;
 }
 
@@ -569,6 +571,7 @@ static void batch_generate(engine *e, sequence *seqs, int n, batch_step *b)
 		e->decode_s += now_s() - t0;
 		e->decode_comm_s += comm_seconds(e->comm) - c0;
 		e->decode_n += k;
+		e->decode_steps++;
 	}
 }
 
@@ -771,7 +774,7 @@ static int interact(engine *e, sequence *s, dsv3_error *err)
 			rc = dsv3_fail(err, DSV3_EIO, "out of memory");
 			break;
 		}
-		e->prefill_s = e->decode_s = 0, e->prefill_n = e->decode_n = 0;
+		e->prefill_s = e->decode_s = e->decode_comm_s = 0, e->prefill_n = e->decode_n = e->decode_steps = 0;
 		rc = chat_turn_run(e, &c, s, &n_cached, err);
 	}
 	if (n < 0)
