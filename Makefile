@@ -49,6 +49,13 @@ ifeq ($(CUDA),1)
 CUDA_SRC   := $(wildcard ref-engine/cuda/*.cu)
 LDLIBS     += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart_static \
 	      -ldl -lrt -lstdc++
+# GPU ranks over NCCL (ref-engine/cuda/comm_nccl.cu, issue 8) when nccl.h and libnccl are under
+# CUDA_HOME; NCCL=0 leaves NCCL out (one GPU works as before, several GPU ranks are refused).
+NCCL       ?= $(if $(and $(wildcard $(CUDA_HOME)/include/nccl.h),$(wildcard $(CUDA_HOME)/lib64/libnccl.so*)),1,0)
+ifeq ($(NCCL),1)
+LDLIBS     += -lnccl
+NVCCFLAGS  += -DDSV3_NCCL=1
+endif
 else
 ENGINE_SRC += $(wildcard ref-engine/nocuda/*.c)
 endif
@@ -146,6 +153,14 @@ test: deps
 test-cuda:
 	$(MAKE) all cuda-tests
 	@DSV3_BIN=$(abspath $(BUILD)/bin) sh scripts/test_cuda.sh
+
+# Tensor-parallel GPU ranks (scripts/test_cuda_multi.sh, issue 8) on a machine with 2 or 4 GPUs:
+# the golden cases over mp-2 / mp-4 shards, one process (a thread per GPU) and under mpirun.
+# Without 2 GPUs it prints a skip line and passes, unless DSV3_REQUIRE_GPU is set.
+.PHONY: test-cuda-multi
+test-cuda-multi:
+	$(MAKE) all
+	@DSV3_BIN=$(abspath $(BUILD)/bin) sh scripts/test_cuda_multi.sh
 
 # Each fuzzer runs FUZZ_SECONDS from the committed seeds; new inputs go to build-fuzz/corpus.
 fuzz: $(FUZZERS)

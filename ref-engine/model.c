@@ -249,11 +249,10 @@ int model_open_parallel(Model *m, const char *dir, const char *config_path, int 
 	 * fails ends the job (comm_fail) instead of leaving the others waiting. */
 	if (m->comm && (rc = parallel_preflight(c, dir, &cf->c, err)))
 		return rc;
+	/* Several ranks: GPU ranks when asked for, or when the ranks are GPU threads (an NCCL
+	 * comm); CPU ranks (mpirun) otherwise. */
 	if (m->comm && device == MODEL_DEVICE_AUTO)
-		device = MODEL_DEVICE_CPU;
-	if (m->comm && device == MODEL_DEVICE_CUDA)
-		return dsv3_fail(err, DSV3_EUSAGE, "--device cuda with %d MPI ranks: the GPU ranks "
-				 "are not built yet; run the CPU ranks (--device cpu)", cf->world);
+		device = c->kind && !strcmp(c->kind, "nccl") ? MODEL_DEVICE_CUDA : MODEL_DEVICE_CPU;
 	rc = m->comm ? weights_load_rank(&m->weights, &cf->c, dir, cf->rank, err)
 		     : weights_load(&m->weights, &cf->c, dir, err);
 	if (!rc && m->comm && weights_mp(&m->weights) != cf->world)
@@ -279,7 +278,7 @@ int model_open_parallel(Model *m, const char *dir, const char *config_path, int 
 			model_close(m);
 			return dsv3_fail(err, DSV3_EUSAGE, "--device cuda: %s", why);
 		}
-		if ((rc = cuda_model_open(&m->gpu, cf, &m->weights, n_seqs, err))) {
+		if ((rc = cuda_model_open_parallel(&m->gpu, cf, &m->weights, n_seqs, m->comm, err))) {
 			model_close(m);
 			return rc;
 		}

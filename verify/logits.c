@@ -165,10 +165,11 @@ static int run_case(Model *m, const st_file *g, const st_tensor *tok, double *wo
 		float *logits = forward(m, 0, (int)t, pos);
 		int s = pos - (P - 1);
 		if (s >= 0)
-			compare_row(ref + (size_t)s * V, logits, V, work, r, verbose, s);
+			compare_row(ref + (size_t)s * V, logits, V, work, r, verbose && comm_rank(m->comm) == 0, s);
 	}
 	int pass = within(r, lim);
-	printf("%s %s: rows %d max_abs %.3e rel_l2 %.3e kl %.3e top1 %d/%d\n",
+	if (comm_rank(m->comm) == 0) /* GPU ranks as threads share stdout */
+		printf("%s %s: rows %d max_abs %.3e rel_l2 %.3e kl %.3e top1 %d/%d\n",
 	       pass ? "OK  " : "FAIL", name, r->rows, r->max_abs, r->rel_l2, r->kl, r->top1_agree,
 	       r->rows);
 	return 0;
@@ -249,6 +250,46 @@ static int verify_cases(Model *m, const st_file *g, int verbose, const limits *l
 	return rc;
 }
 
+/* What every rank of a run needs. */
+typedef struct {
+	const char *ckpt;
+	const st_file *g;
+	int max_seq, threads, verbose;
+	model_device device;
+} logits_job;
+
+/* One rank's run (the only one, or one of an mpirun job or of GPU threads): the model over its
+ * shard, every case; rank 0 prints. */
+static int run_rank(const logits_job *j, comm *c, int *failed, const limits **lim, dsv3_error *err)
+{
+	Model m;
+	int rc = model_open_parallel(&m, j->ckpt, NULL, j->max_seq, 1, j->threads, j->device, c, err);
+	if (rc)
+		return rc;
+	*lim = m.device == MODEL_DEVICE_CUDA ? &gpu_limits : &cpu_limits;
+	if (comm_size(c) > 1 && comm_rank(c) == 0)
+		printf("device %s, %d ranks, limits: %s\n", model_device_name(m.device), comm_size(c),
+		       (*lim)->text);
+	else if (comm_size(c) == 1)
+		printf("device %s, limits: %s\n", model_device_name(m.device), (*lim)->text);
+	rc = verify_cases(&m, j->g, j->verbose, *lim, failed, err);
+	model_close(&m);
+	return rc;
+}
+
+/* A GPU rank of this process (comm_nccl_run): rank 0's result is the exit status. */
+static int gpu_rank(comm *c, void *arg)
+{
+	dsv3_error err = { 0 };
+	const limits *lim = &gpu_limits;
+	int failed = 0;
+	if (run_rank(arg, c, &failed, &lim, &err))
+		comm_fail(c, VERIFY_PROG, &err);
+	if (failed && comm_rank(c) == 0)
+		fprintf(stderr, VERIFY_PROG " logits: %d case(s) outside %s\n", failed, lim->text);
+	return failed ? DSV3_EDATA : DSV3_OK;
+}
+
 int verify_logits(int argc, char **argv)
 {
 	const char *ckpt = NULL, *golden = NULL;
@@ -271,19 +312,20 @@ int verify_logits(int argc, char **argv)
 		return dsv3_report(VERIFY_PROG, &err);
 	if (comm_rank(c) > 0 && !freopen("/dev/null", "w", stdout))
 		comm_abort(c, DSV3_EIO);
-	Model m;
-	const limits *lim = &cpu_limits;
-	rc = model_open_parallel(&m, ckpt, NULL, max_seq, 1, threads, device, c, &err);
-	if (!rc) {
-		lim = m.device == MODEL_DEVICE_CUDA ? &gpu_limits : &cpu_limits;
-		if (comm_size(c) > 1)
-			printf("device %s, %d ranks, limits: %s\n", model_device_name(m.device),
-			       comm_size(c), lim->text);
-		else
-			printf("device %s, limits: %s\n", model_device_name(m.device), lim->text);
-		rc = verify_cases(&m, &g, verbose, lim, &failed, &err);
-		model_close(&m);
+	logits_job job = { ckpt, &g, max_seq, threads, verbose, device };
+	/* mp-N shards, --device cuda and N GPUs, no mpirun: N GPU ranks as threads of this
+	 * process, each running what an mpirun rank runs. */
+	int gpu_ranks = 1;
+	if (!c && device == MODEL_DEVICE_CUDA && (rc = cuda_rank_threads(ckpt, &gpu_ranks, &err)))
+		return dsv3_report(VERIFY_PROG, &err);
+	if (gpu_ranks > 1) {
+		int rank0_rc = 0;
+		rc = comm_nccl_run(gpu_ranks, gpu_rank, &job, &rank0_rc, &err);
+		st_close(&g);
+		return rc ? dsv3_report(VERIFY_PROG, &err) : rank0_rc;
 	}
+	const limits *lim = &cpu_limits;
+	rc = run_rank(&job, c, &failed, &lim, &err);
 	st_close(&g);
 	if (rc && comm_size(c) > 1)
 		comm_fail(c, VERIFY_PROG, &err);

@@ -300,7 +300,7 @@ static bool vproj_as_gemv(const mla_args *a, dweight *vw)
 
 static void raise_smem(void)
 {
-	static bool raised;
+	static thread_local bool raised; /* per GPU: one thread drives each GPU rank */
 	if (raised) /* past the 48 KB default; the kernels' sizes are checked against this */
 		return;
 	CK(cudaFuncSetAttribute(absorb_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));

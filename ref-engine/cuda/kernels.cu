@@ -16,6 +16,22 @@
 
 static thread_local int where_layer = -1;
 static thread_local const char *where_tensor = "";
+/* A rank of several ends the whole job instead of this process alone (cuda_set_fatal). */
+static thread_local void (*fatal_hook)(void *arg, int code);
+static thread_local void *fatal_arg;
+
+void cuda_set_fatal(void (*fn)(void *arg, int code), void *arg)
+{
+	fatal_hook = fn;
+	fatal_arg = arg;
+}
+
+void cuda_fatal(int code)
+{
+	if (fatal_hook)
+		fatal_hook(fatal_arg, code);
+	exit(code);
+}
 
 void cuda_where(int layer, const char *tensor)
 {
@@ -32,7 +48,7 @@ void cuda_check(cudaError_t e, const char *what)
 			cudaGetErrorString(e));
 	else
 		fprintf(stderr, "dsv3: CUDA error in %s (%s): %s\n", what, where_tensor, cudaGetErrorString(e));
-	exit(3);
+	cuda_fatal(3);
 }
 
 #define LAUNCHED(name) cuda_check(cudaGetLastError(), name)
@@ -537,7 +553,7 @@ void k_gemv(cudaStream_t s, const gemv_call *c)
 	const int epl = dt == DW_F8 ? 16 : dt == DW_BF16 ? 8 : 4;
 	int iters = (K + 32 * epl - 1) / (32 * epl);
 	p.wk = iters >= 8 ? 8 : iters >= 4 ? 4 : iters >= 2 ? 2 : 1;
-	static int max_wk = -1; /* DSV3_GEMV_MAX_WK: a cap for experiments */
+	static thread_local int max_wk = -1; /* DSV3_GEMV_MAX_WK: a cap for experiments */
 	if (max_wk < 0) {
 		const char *e = getenv("DSV3_GEMV_MAX_WK");
 		max_wk = e ? atoi(e) : 8;

@@ -128,6 +128,10 @@ void k_to_bf16(cudaStream_t s, void *out, const float *x, size_t n);
  * current layer/tensor (cuda_where) and exits with status 3. */
 void cuda_check(cudaError_t e, const char *what);
 void cuda_where(int layer, const char *tensor);
+/* Ends the process after a fatal CUDA or cuBLAS error: exit(code), or, when this thread set a
+ * hook (a tensor-parallel rank), the hook, which ends every rank of the job. */
+[[noreturn]] void cuda_fatal(int code);
+void cuda_set_fatal(void (*fn)(void *arg, int code), void *arg);
 #define CK(call) cuda_check((call), #call)
 
 #endif

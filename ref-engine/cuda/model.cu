@@ -4,7 +4,15 @@
  * and position; a decode step is that pass captured once per (batch, context bucket) in a CUDA
  * graph and replayed, with the inputs and logits copied inside the graph: no allocation, no
  * host sync and no host round trip inside the step. Prefill runs the same pass over chunks of
- * one sequence's prompt, with cuBLAS for the matrices when a chunk is long. */
+ * one sequence's prompt, with cuBLAS for the matrices when a chunk is long.
+ *
+ * Tensor parallelism (DESIGN §5, issue 8): rank r of `world` holds its slices of the weights
+ * (Config's n_local_heads, vocab_lo/vocab_n, experts [e_lo, e_lo + e_n)) and sums its partial
+ * results with the other ranks' through NCCL on the engine's stream, at model.c's points: the
+ * embedding, after wo, after the dense MLP, once after each MoE (routed + shared), and an
+ * all-gather of the head's logits. The blocks then write their outputs to `part` instead of
+ * adding them to the residual x: part is summed over the ranks and added to x. One rank
+ * (world 1) makes no NCCL call and runs exactly the code of one GPU. */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -16,6 +24,7 @@ extern "C" {
 #include "dtype.h"
 }
 #include "kernels.cuh"
+#include "tp.cuh"
 
 /* DSV3_CUDA_PROFILE=1: decode steps run without the graph, CUDA events between these stages,
  * and the mean time of each per step is printed when the model is closed. */
@@ -81,6 +90,14 @@ struct cuda_model {
 	int n_graphs;
 	int sync_each;    /* DSV3_CUDA_SYNC=1: no graphs, a sync after every op */
 	int profile;      /* DSV3_CUDA_PROFILE=1 */
+	/* tensor parallelism (world > 1); one rank: world 1, e_lo 0, e_n all the experts */
+	int world, rank;
+	tp_link *tp;
+	int e_lo, e_n;        /* this rank's routed experts, slots 0 .. e_n - 1 of its stacks */
+	int vocab_lo, vocab_n;
+	float *part;          /* [in_cap, dim]: a block's output before its all-reduce */
+	float *logits_local;  /* [max_tokens, vocab_n]: this rank's rows of the head */
+	float *gathered;      /* [world, max_tokens, vocab_n]: every rank's, as the all-gather lays them */
 	cudaEvent_t marks[MAX_MARKS];
 	int mark_stage[MAX_MARKS], n_marks, prof_steps[2], prof_n[2];
 	double prof_ms[2][N_STAGES], prof_total[2]; /* [0]: decode steps, [1]: prefill chunks */
@@ -140,7 +157,7 @@ static void *dalloc(cuda_model *g, size_t bytes, const char *what)
 		g->allocs = (void **)realloc(g->allocs, sizeof(void *) * g->cap_allocs);
 		if (!g->allocs) {
 			fprintf(stderr, "dsv3: out of host memory\n");
-			exit(3);
+			cuda_fatal(3);
 		}
 	}
 	g->allocs[g->n_allocs++] = p;
@@ -313,15 +330,16 @@ static int upload_layer(cuda_model *g, dlayer *d, const LayerWeights *lw, int l,
 		d->has_bias = lw->gate_bias.rows > 0;
 		if (d->has_bias)
 			UP(gate_bias);
+		/* this rank's experts only (all of them for one rank) */
 		snprintf(n, sizeof n, "layers.%d.ffn.experts.w1", l);
 		if (!rc)
-			rc = upload_experts(g, &d->ew1, lw->ew1, c->n_routed_experts, n, err);
+			rc = upload_experts(g, &d->ew1, lw->ew1 + g->e_lo, g->e_n, n, err);
 		snprintf(n, sizeof n, "layers.%d.ffn.experts.w2", l);
 		if (!rc)
-			rc = upload_experts(g, &d->ew2, lw->ew2, c->n_routed_experts, n, err);
+			rc = upload_experts(g, &d->ew2, lw->ew2 + g->e_lo, g->e_n, n, err);
 		snprintf(n, sizeof n, "layers.%d.ffn.experts.w3", l);
 		if (!rc)
-			rc = upload_experts(g, &d->ew3, lw->ew3, c->n_routed_experts, n, err);
+			rc = upload_experts(g, &d->ew3, lw->ew3 + g->e_lo, g->e_n, n, err);
 	}
 #undef UP
 	return rc;
@@ -334,7 +352,7 @@ static void state_alloc(cuda_model *g)
 	const dsv3_config *c = &g->cf.c;
 	size_t T = (size_t)g->in_cap, P = (size_t)g->max_tokens * (g->K > 0 ? g->K : 1);
 	size_t D = (size_t)c->kv_lora_rank + c->qk_rope_head_dim;
-	size_t H = (size_t)c->n_heads;
+	size_t H = (size_t)g->cf.n_local_heads;
 	P = P > T ? P : T;
 	g->cache = (float *)dalloc(g, sizeof(float) * c->n_layers * g->n_seqs * (size_t)g->cf.max_seq_len * D,
 				   "the KV cache");
@@ -375,7 +393,7 @@ static void state_alloc(cuda_model *g)
 					g->cf.max_seq_len, &dummy, &dummy, &dummy, NULL);
 	g->att = (float *)dalloc(g, sizeof(float) * att, "attention scratch");
 	g->d_in = (int *)dalloc(g, sizeof(int) * 3 * T, "inputs");
-	g->vp_tab = mla_vproj_table(c->n_heads);
+	g->vp_tab = mla_vproj_table((int)H);
 	CK(cudaMallocHost(&g->h_in, sizeof(int) * 3 * T));
 	CK(cudaMallocHost(&g->h_logits, sizeof(float) * g->max_tokens * g->vocab));
 	size_t widest = (size_t)g->dim > H * c->v_head_dim ? (size_t)g->dim : H * c->v_head_dim;
@@ -386,6 +404,11 @@ static void state_alloc(cuda_model *g)
 	g->wb16 = dalloc(g, 2 * g->wb16_bytes, "prefill weight (bf16 halves)");
 	g->h_topk = (int *)malloc(sizeof(int) * T * (g->K > 0 ? g->K : 1) * 2);
 	g->h_rows = g->h_topk + T * (g->K > 0 ? g->K : 1);
+	if (g->world > 1) {
+		g->part = (float *)dalloc(g, sizeof(float) * T * g->dim, "block outputs (all-reduced)");
+		g->logits_local = (float *)dalloc(g, sizeof(float) * g->max_tokens * g->vocab_n, "logits (local)");
+		g->gathered = (float *)dalloc(g, sizeof(float) * g->max_tokens * g->vocab, "logits (gathered)");
+	}
 }
 
 /* ---- the forward pass ---- */
@@ -429,7 +452,7 @@ static void linear_blas(cuda_model *g, const dweight *w, int expert, const float
 					 xs * ws == 1 ? ldy : ws * w->rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 	if (st != CUBLAS_STATUS_SUCCESS) {
 		fprintf(stderr, "dsv3: cuBLAS error %d in cublasGemmEx (layer %d, %s)\n", (int)st, layer, what);
-		exit(3);
+		cuda_fatal(3);
 	}
 	if (xs * ws > 1)
 		k_join_parts(g->stream, y, ldy, g->split_out, w->rows, n, xs, ws, acc);
@@ -474,13 +497,42 @@ static void linear_pair(cuda_model *g, const dweight *w1, const dweight *w3, con
 	gemv_or_blas(g, w1, w3, x, ldx, y1, y3, ldy, ldy3, n, 0, layer, what);
 }
 
-/* x += w2(silu(w1 xn) * w3 xn) for n tokens. */
+/* Where a block's output goes: added to the residual x on one rank; on several, written to
+ * part (overwriting: acc_out 0), which reduce_out sums over the ranks and adds to x. */
+static float *block_out(const cuda_model *g) { return g->world > 1 ? g->part : g->x; }
+static int acc_out(const cuda_model *g) { return g->world == 1; }
+
+/* x += the sum over the ranks of part[0:n] (nothing on one rank). */
+static void reduce_out(cuda_model *g, int n, int layer, const char *what)
+{
+	if (g->world == 1)
+		return;
+	cuda_where(layer, what);
+	tp_allreduce(g->tp, g->part, (size_t)n * g->dim, g->stream, what);
+	k_add(g->stream, g->x, g->part, (size_t)n * g->dim);
+	sync_point(g, layer, what);
+}
+
+/* x += w2(silu(w1 xn) * w3 xn) for n tokens (block_out on several ranks). */
 static void mlp(cuda_model *g, const dlayer *d, int n, int layer)
 {
 	int inter = d->w1.rows;
 	linear_pair(g, &d->w1, &d->w3, g->xn, g->dim, g->h1, g->h3, inter, inter, n, layer, "mlp.w1/w3");
 	k_silu_mul(g->stream, g->h1, g->h3, (size_t)n * inter); /* once, not per row block of w2 */
-	linear(g, &d->w2, g->h1, inter, g->x, g->dim, n, 1, layer, "mlp.w2");
+	linear(g, &d->w2, g->h1, inter, block_out(g), g->dim, n, acc_out(g), layer, "mlp.w2");
+}
+
+/* The routed experts' sum added to block_out: k_moe_combine on one rank, this rank's experts
+ * only on several (the shared experts' output is already there, or zeros without them). */
+static void moe_combine(cuda_model *g, const dsv3_config *c, int n, int K)
+{
+	if (g->world == 1) {
+		k_moe_combine(g->stream, g->x, g->moe_y, g->rw, n, K, g->dim);
+		return;
+	}
+	if (c->n_shared_experts <= 0)
+		CK(cudaMemsetAsync(g->part, 0, sizeof(float) * n * g->dim, g->stream));
+	k_moe_combine_local(g->stream, g->part, g->moe_y, g->rw, g->topk, g->e_lo, g->e_n, n, K, g->dim);
 }
 
 /* MoE over a prefill chunk: routing on the device, the top-k to the host (one sync), then the
@@ -509,10 +561,10 @@ static void moe_chunk(cuda_model *g, const dlayer *d, int n, int layer)
 		g->h_rows[fill[g->h_topk[p]]++] = p;
 	int Gc = g->g_cap, G = 0;
 	int *hc = g->h_groups, *hexp = hc + 4, *hcnt = hexp + Gc, *htok = hcnt + Gc, *hpair = htok + Gc * T;
-	for (int e = 0; e < E; e++)
+	for (int e = g->e_lo; e < g->e_lo + g->e_n; e++) /* this rank's experts, as local slots */
 		for (int i = start[e]; i < start[e + 1]; i += T, G++) {
 			int m = start[e + 1] - i < T ? start[e + 1] - i : T;
-			hexp[G] = e, hcnt[G] = m;
+			hexp[G] = e - g->e_lo, hcnt[G] = m;
 			for (int j = 0; j < m; j++) {
 				htok[G * T + j] = g->h_rows[i + j] / K;
 				hpair[G * T + j] = g->h_rows[i + j];
@@ -525,32 +577,38 @@ static void moe_chunk(cuda_model *g, const dlayer *d, int n, int layer)
 			   g->stream));
 	gemv_groups in_tok = { g->g_count, g->g_exp, g->g_cnt, g->g_tok, g->g_pair, G };
 	gemv_groups in_pair = { g->g_count, g->g_exp, g->g_cnt, g->g_pair, g->g_pair, G };
-	cuda_where(layer, "ffn.experts.w1/w3");
-	gemv_call c13 = {};
-	c13.w = &d->ew1, c13.w2 = &d->ew3, c13.x = g->xn, c13.ldx = g->dim;
-	c13.y = g->h1, c13.y2 = g->h3, c13.ldy = inter, c13.n = T, c13.groups = &in_tok;
-	k_gemv(g->stream, &c13);
-	k_silu_mul(g->stream, g->h1, g->h3, (size_t)n * K * inter);
-	cuda_where(layer, "ffn.experts.w2");
-	gemv_call c2 = {};
-	c2.w = &d->ew2, c2.x = g->h1, c2.ldx = inter, c2.y = g->moe_y, c2.ldy = g->dim, c2.n = T, c2.groups = &in_pair;
-	k_gemv(g->stream, &c2);
+	if (G > 0) { /* a rank of several may get no token of the chunk at all */
+		cuda_where(layer, "ffn.experts.w1/w3");
+		gemv_call c13 = {};
+		c13.w = &d->ew1, c13.w2 = &d->ew3, c13.x = g->xn, c13.ldx = g->dim;
+		c13.y = g->h1, c13.y2 = g->h3, c13.ldy = inter, c13.n = T, c13.groups = &in_tok;
+		k_gemv(g->stream, &c13);
+		k_silu_mul(g->stream, g->h1, g->h3, (size_t)n * K * inter);
+		cuda_where(layer, "ffn.experts.w2");
+		gemv_call c2 = {};
+		c2.w = &d->ew2, c2.x = g->h1, c2.ldx = inter, c2.y = g->moe_y, c2.ldy = g->dim, c2.n = T,
+		c2.groups = &in_pair;
+		k_gemv(g->stream, &c2);
+	}
 	if (c->n_shared_experts > 0)
 		mlp(g, d, n, layer);
 	cuda_where(layer, "ffn (combine)");
-	k_moe_combine(g->stream, g->x, g->moe_y, g->rw, n, K, g->dim);
+	moe_combine(g, c, n, K);
 	sync_point(g, layer, "ffn (experts)");
+	reduce_out(g, n, layer, "ffn (all-reduce of the MoE)");
 }
 
 static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 {
 	if (n > g->max_tokens && (g->debug_parts & 2)) {
-		float *x = g->x, *xn = g->xn;
+		float *x = g->x, *xn = g->xn, *part = g->part;
 		for (int i = 0; i < n; i += g->max_tokens) {
 			g->x = x + (size_t)i * g->dim, g->xn = xn + (size_t)i * g->dim;
+			if (part)
+				g->part = part + (size_t)i * g->dim;
 			moe(g, d, n - i < g->max_tokens ? n - i : g->max_tokens, layer);
 		}
-		g->x = x, g->xn = xn;
+		g->x = x, g->xn = xn, g->part = part;
 		return;
 	}
 	if (n > g->max_tokens) {
@@ -565,10 +623,14 @@ static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 			  c->score_sigmoid, (float)c->route_scale, d->has_bias ? &d->gate_bias : NULL };
 	cuda_where(layer, "ffn.gate (routing)");
 	k_route(g->stream, &ra, g->gscore, n, g->topk, g->rw);
-	k_moe_groups(g->stream, g->topk, n, K, g->g_count, g->g_exp, g->g_cnt, g->g_tok, g->g_pair);
+	if (g->world == 1)
+		k_moe_groups(g->stream, g->topk, n, K, g->g_count, g->g_exp, g->g_cnt, g->g_tok, g->g_pair);
+	else
+		k_moe_groups_local(g->stream, g->topk, n, K, g->e_lo, g->e_n, g->g_count, g->g_exp, g->g_cnt, g->g_tok,
+				   g->g_pair);
 	sync_point(g, layer, "ffn.gate (routing)");
 
-	int max_groups = n * K < E ? n * K : E;
+	int max_groups = n * K < g->e_n ? n * K : g->e_n;
 	gemv_groups in_tok = { g->g_count, g->g_exp, g->g_cnt, g->g_tok, g->g_pair, max_groups };
 	gemv_groups in_pair = { g->g_count, g->g_exp, g->g_cnt, g->g_pair, g->g_pair, max_groups };
 	mark(g, ST_EXPERTS);
@@ -601,8 +663,9 @@ static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 	if (c->n_shared_experts > 0)
 		mlp(g, d, n, layer);
 	cuda_where(layer, "ffn (combine)");
-	k_moe_combine(g->stream, g->x, g->moe_y, g->rw, n, K, g->dim);
+	moe_combine(g, c, n, K);
 	sync_point(g, layer, "ffn (combine)");
+	reduce_out(g, n, layer, "ffn (all-reduce of the MoE)");
 }
 
 /* The attention of up to max_tokens queries of one sequence whose last position is need - 1,
@@ -624,7 +687,7 @@ static void attention_gemm(cuda_model *g, mla_args *a, int layer, int need, cons
 	if (st != CUBLAS_STATUS_SUCCESS) {
 		fprintf(stderr, "dsv3: cuBLAS error %d in cublasSgemm (layer %d, attention of a prefill chunk)\n",
 			(int)st, layer);
-		exit(3);
+		cuda_fatal(3);
 	}
 	k_mla_vproj(g->stream, a, a->qc, out);
 }
@@ -633,7 +696,7 @@ static void attention(cuda_model *g, const dlayer *d, int n, int cap, int layer)
 {
 	const Config *cf = &g->cf;
 	const dsv3_config *c = &cf->c;
-	int H = c->n_heads, lora = c->kv_lora_rank, rope = c->qk_rope_head_dim, D = lora + rope;
+	int H = cf->n_local_heads, lora = c->kv_lora_rank, rope = c->qk_rope_head_dim, D = lora + rope;
 	const int *seqs = g->d_in + g->in_cap, *pos = g->d_in + 2 * g->in_cap;
 	mark(g, ST_ATT_PROJ);
 	if (c->q_lora_rank > 0) {
@@ -672,7 +735,23 @@ static void attention(cuda_model *g, const dlayer *d, int n, int cap, int layer)
 	}
 	sync_point(g, layer, "attn");
 	mark(g, ST_ATT_WO);
-	linear(g, &d->wo, g->attn, H * c->v_head_dim, g->x, g->dim, n, 1, layer, "attn.wo");
+	linear(g, &d->wo, g->attn, H * c->v_head_dim, block_out(g), g->dim, n, acc_out(g), layer, "attn.wo");
+	reduce_out(g, n, layer, "attn.wo (all-reduce)");
+}
+
+/* The head of a rank of several: its rows of the vocabulary for nh tokens, all-gathered
+ * ([world][nh][vocab_n]), then each rank's columns put in place in logits [nh, vocab]. */
+static void head_parallel(cuda_model *g, int nh)
+{
+	const size_t vn = (size_t)g->vocab_n;
+	if (nh > g->max_tokens)
+		cuda_check(cudaErrorInvalidValue, "head: more rows than the gather buffer holds");
+	linear(g, &g->head, g->xn, g->dim, g->logits_local, g->vocab_n, nh, 0, -1, "head");
+	cuda_where(-1, "head (all-gather of the logits)");
+	tp_allgather(g->tp, g->logits_local, g->gathered, (size_t)nh * vn, g->stream, "the logits");
+	for (int r = 0; r < g->world; r++)
+		CK(cudaMemcpy2DAsync(g->logits + r * vn, sizeof(float) * g->vocab, g->gathered + (size_t)r * nh * vn,
+				     sizeof(float) * vn, sizeof(float) * vn, nh, cudaMemcpyDeviceToDevice, g->stream));
 }
 
 /* The pass over n tokens whose ids, sequences and positions are in d_in; cap bounds every
@@ -682,7 +761,12 @@ static void run_tokens(cuda_model *g, int n, int cap, int head_from)
 	const Config *cf = &g->cf;
 	const dsv3_config *c = &cf->c;
 	cuda_where(-1, "embed");
-	k_embed(g->stream, g->x, &g->embed, g->d_in, n);
+	if (g->world == 1) {
+		k_embed(g->stream, g->x, &g->embed, g->d_in, n);
+	} else { /* vocab-parallel: this rank's rows, zeros for the others', summed */
+		k_embed_range(g->stream, g->x, &g->embed, g->d_in, n, g->vocab_lo);
+		tp_allreduce(g->tp, g->x, (size_t)n * g->dim, g->stream, "embed");
+	}
 	for (int l = 0; l < c->n_layers; l++) {
 		const dlayer *d = &g->layers[l];
 		mark(g, ST_OTHER);
@@ -693,10 +777,12 @@ static void run_tokens(cuda_model *g, int n, int cap, int head_from)
 		cuda_where(l, "ffn_norm");
 		k_rmsnorm(g->stream, g->xn, g->x, g->dim, &d->ffn_norm, g->dim, n, cf->eps);
 		mark(g, ST_DENSE);
-		if (l < c->n_dense_layers)
+		if (l < c->n_dense_layers) {
 			mlp(g, d, n, l);
-		else
+			reduce_out(g, n, l, "mlp.w2 (all-reduce)");
+		} else {
 			moe(g, d, n, l);
+		}
 	}
 	if (head_from >= n)
 		return;
@@ -704,7 +790,10 @@ static void run_tokens(cuda_model *g, int n, int cap, int head_from)
 	cuda_where(-1, "norm");
 	int nh = n - head_from;
 	k_rmsnorm(g->stream, g->xn, g->x + (size_t)head_from * g->dim, g->dim, &g->norm, g->dim, nh, cf->eps);
-	linear(g, &g->head, g->xn, g->dim, g->logits, g->vocab, nh, 0, -1, "head");
+	if (g->world == 1)
+		linear(g, &g->head, g->xn, g->dim, g->logits, g->vocab, nh, 0, -1, "head");
+	else
+		head_parallel(g, nh);
 }
 
 static int ctx_bucket(const cuda_model *g, int need)
@@ -864,11 +953,100 @@ extern "C" void cuda_model_close(cuda_model *g)
 		cublasDestroy(g->blas);
 	if (g->stream)
 		cudaStreamDestroy(g->stream);
+	if (g->tp) {
+		cuda_set_fatal(NULL, NULL);
+		tp_detach(g->tp);
+	}
 	free(g->layers);
 	free(g);
 }
 
+/* ---- a rank of several: memory preflight, the link to the others ---- */
+
+static size_t view_bytes(const weight_view *v)
+{
+	if (!v->rows || !v->n_pieces)
+		return 0; /* absent, or another rank's expert */
+	int dt = dtype_of(v->pieces[0].dtype);
+	size_t b = (size_t)v->rows * v->cols * dtype_bytes(dt < 0 ? DW_F32 : dt);
+	if (dt == DW_F8)
+		b += sizeof(float) * ((v->rows + 127) / 128) * ((v->cols + 127) / 128);
+	return b;
+}
+
+/* The bytes this rank will ask cudaMalloc for, counted as dsv3-plan counts them (weights as
+ * stored, the KV cache, the engine's scratch) but from this rank's own slices and heads. */
+static size_t rank_bytes(const cuda_model *g, const Weights *w, size_t *weights, size_t *kv)
+{
+	const dsv3_config *c = &g->cf.c;
+	size_t wrows = 0, wbf16 = 0;
+	*weights = view_bytes(&w->embed) + view_bytes(&w->norm) + view_bytes(&w->head);
+	for (int l = 0; l < c->n_layers; l++) {
+		const LayerWeights *lw = &w->layers[l];
+		const weight_view *v[] = { &lw->wq, &lw->wq_a, &lw->q_norm, &lw->wq_b, &lw->wkv_a, &lw->kv_norm,
+					   &lw->wkv_b, &lw->wo, &lw->attn_norm, &lw->ffn_norm, &lw->w1, &lw->w2,
+					   &lw->w3, &lw->gate, &lw->gate_bias };
+		for (size_t i = 0; i < sizeof v / sizeof *v; i++) {
+			*weights += view_bytes(v[i]);
+			wrows = (size_t)v[i]->rows > wrows ? (size_t)v[i]->rows : wrows;
+			size_t b = (size_t)v[i]->rows * v[i]->cols * 2;
+			wbf16 = b > wbf16 ? b : wbf16;
+		}
+		for (int e = g->e_lo; l >= c->n_dense_layers && e < g->e_lo + g->e_n; e++)
+			*weights += view_bytes(&lw->ew1[e]) + view_bytes(&lw->ew2[e]) + view_bytes(&lw->ew3[e]);
+	}
+	size_t D = (size_t)c->kv_lora_rank + c->qk_rope_head_dim, H = (size_t)g->cf.n_local_heads;
+	*kv = sizeof(float) * c->n_layers * (size_t)g->n_seqs * g->cf.max_seq_len * D;
+	size_t T = (size_t)g->in_cap, kk = g->K > 0 ? (size_t)g->K : 1, MT = (size_t)g->max_tokens;
+	size_t P = MT * kk > T ? MT * kk : T, E = c->n_routed_experts > 0 ? (size_t)c->n_routed_experts : 1;
+	size_t hrows = P * g->hidden > T * kk * c->moe_inter_dim ? P * g->hidden : T * kk * c->moe_inter_dim;
+	size_t qhd = (size_t)g->cf.q_head_dim, qa = c->q_lora_rank > 0 ? (size_t)c->q_lora_rank : 1;
+	size_t floats = 3 * T * g->dim + T * qa + T * H * qhd + T * D + T * H * c->v_head_dim + 2 * hrows + T * E +
+			T * kk * g->dim + T * g->vocab + T * kk + MT * (g->vocab_n + g->vocab) +
+			MT * H * (D + g->cf.max_seq_len + 16 * (size_t)c->kv_lora_rank);
+	size_t ints = T * kk + 4 + (T * kk / GEMV_MAX_TOKENS + E + P) * (2 + 2 * GEMV_MAX_TOKENS) + 3 * T;
+	size_t widest = (size_t)g->dim > H * c->v_head_dim ? (size_t)g->dim : H * c->v_head_dim;
+	widest = widest > (size_t)g->hidden ? widest : (size_t)g->hidden;
+	return *weights + *kv + 4 * (floats + ints) + 2 * 2 * T * widest + 4 * 4 * T * wrows + 2 * wbf16;
+}
+
+/* Before any weight goes up: does this rank's share fit its GPU? (A rank that does not fit
+ * says so in one line instead of failing half-way through the upload.) */
+static int preflight_memory(cuda_model *g, const Weights *w, dsv3_error *err)
+{
+	size_t free_b = 0, total_b = 0, weights, kv, need = rank_bytes(g, w, &weights, &kv);
+	const double GiB = 1024.0 * 1024.0 * 1024.0;
+	CK(cudaMemGetInfo(&free_b, &total_b));
+	if (need <= free_b)
+		return 0;
+	return dsv3_fail(err, DSV3_EUSAGE, "GPU %d: this rank needs %.2f GiB (weights %.2f, KV cache %.2f for %d "
+			 "sequence(s) of %d tokens, scratch %.2f), %.2f GiB of %.2f are free: use more ranks or a "
+			 "smaller --max-seq-len", tp_device(g->tp), need / GiB, weights / GiB, kv / GiB, g->n_seqs,
+			 g->cf.max_seq_len, (need - weights - kv) / GiB, free_b / GiB, total_b / GiB);
+}
+
+static void abort_job(void *tp, int code) { tp_abort((tp_link *)tp, code); }
+
+/* This rank's link to the others, its GPU current, the memory it needs there checked. */
+static int attach_ranks(cuda_model *g, comm *c, const Weights *w, dsv3_error *err)
+{
+	if (comm_size(c) != g->world)
+		return dsv3_fail(err, DSV3_EUSAGE, "cuda: the model is split for %d ranks, the comm has %d", g->world,
+				 comm_size(c));
+	int rc = tp_attach(&g->tp, c, err);
+	if (rc)
+		return rc;
+	cuda_set_fatal(abort_job, g->tp); /* a CUDA error on this rank ends every rank */
+	return preflight_memory(g, w, err);
+}
+
 extern "C" int cuda_model_open(cuda_model **out, const Config *cf, const Weights *w, int n_seqs, dsv3_error *err)
+{
+	return cuda_model_open_parallel(out, cf, w, n_seqs, NULL, err);
+}
+
+extern "C" int cuda_model_open_parallel(cuda_model **out, const Config *cf, const Weights *w, int n_seqs, comm *ranks,
+					dsv3_error *err)
 {
 	const dsv3_config *c = &cf->c;
 	cuda_model *g = (cuda_model *)calloc(1, sizeof *g);
@@ -898,8 +1076,22 @@ extern "C" int cuda_model_open(cuda_model **out, const Config *cf, const Weights
 	g->bf16_act = ba && *ba == '1';
 	const char *prof = getenv("DSV3_CUDA_PROFILE");
 	g->profile = prof && *prof == '1';
+	g->world = cf->world > 1 ? cf->world : 1;
+	g->rank = g->world > 1 ? cf->rank : 0;
+	g->e_n = c->n_routed_experts / g->world;
+	g->e_lo = g->rank * g->e_n;
+	g->vocab_lo = g->world > 1 ? cf->vocab_lo : 0;
+	g->vocab_n = g->world > 1 ? cf->vocab_n : g->vocab;
 	cuda_where(-1, "setup");
-	CK(cudaSetDevice(0));
+	if (g->world > 1) {
+		int rc = attach_ranks(g, ranks, w, err);
+		if (rc) {
+			cuda_model_close(g);
+			return rc;
+		}
+	} else {
+		CK(cudaSetDevice(0));
+	}
 	CK(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
 	if (cublasCreate(&g->blas) != CUBLAS_STATUS_SUCCESS) {
 		cuda_model_close(g);

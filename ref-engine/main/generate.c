@@ -227,6 +227,13 @@ static double now_s(void)
 	return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Whether this rank writes to stdout: rank 0 alone (GPU ranks that are threads of one process
+ * share its stdout; under mpirun the others' stdout is /dev/null as well). */
+static int prints(const engine *e)
+{
+	return comm_rank(e->comm) == 0;
+}
+
 static void print_speed(const engine *e)
 {
 	if (comm_rank(e->comm) > 0)
@@ -597,7 +604,8 @@ static int batch_print(engine *e, char **lines, sequence *seqs, int n, dsv3_erro
 		int rc = completion_text(e, &seqs[i], &text, err);
 		if (rc)
 			return rc;
-		printf("Prompt: %s\nCompletion: %s\n\n", lines[i], text);
+		if (prints(e))
+			printf("Prompt: %s\nCompletion: %s\n\n", lines[i], text);
 		free(text);
 	}
 	return fflush(stdout) ? dsv3_fail_errno(err, "stdout: cannot write") : DSV3_OK;
@@ -693,8 +701,10 @@ static int answer(engine *e, sequence *s, int *n_cached, const int32_t *ids, siz
 		if (s->done && !rc)
 			rc = tokenizer_stream_finish(&st, text, &len, &cap, err);
 		if (!rc && len > shown) {
-			fwrite(*text + shown, 1, len - shown, stdout);
-			fflush(stdout);
+			if (prints(e)) {
+				fwrite(*text + shown, 1, len - shown, stdout);
+				fflush(stdout);
+			}
 			shown = len;
 		}
 	}
@@ -716,8 +726,10 @@ static int chat_turn_run(engine *e, conversation *c, sequence *s, int *n_cached,
 	if (!rc)
 		rc = answer(e, s, n_cached, ids, n_ids, &text, err);
 	free(ids);
-	printf("\n");
-	fflush(stdout);
+	if (prints(e)) {
+		printf("\n");
+		fflush(stdout);
+	}
 	print_speed(e);
 	if (!rc && conv_add(c, CHAT_ASSISTANT, text)) {
 		free(text);
@@ -754,8 +766,10 @@ static int interact(engine *e, sequence *s, dsv3_error *err)
 	ssize_t n = 0;
 	int n_cached = 0, rc = 0;
 	while (!rc) {
-		printf(">>> ");
-		fflush(stdout);
+		if (prints(e)) {
+			printf(">>> ");
+			fflush(stdout);
+		}
 		if ((n = read_line(e->comm, &line, &cap)) < 0)
 			break;
 		while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
@@ -777,7 +791,7 @@ static int interact(engine *e, sequence *s, dsv3_error *err)
 		e->prefill_s = e->decode_s = e->decode_comm_s = 0, e->prefill_n = e->decode_n = e->decode_steps = 0;
 		rc = chat_turn_run(e, &c, s, &n_cached, err);
 	}
-	if (n < 0)
+	if (n < 0 && prints(e))
 		printf("\n");
 	free(line);
 	conv_clear(&c);
@@ -803,6 +817,18 @@ static int run_interactive(const options *o, comm *c, dsv3_error *err)
 	return rc;
 }
 
+/* One GPU rank of this process (comm_nccl_run): the run of an mpirun rank; a failing rank
+ * reports and ends every rank. */
+static int run_rank(comm *c, void *arg)
+{
+	const options *o = arg;
+	dsv3_error err = { 0 };
+	int rc = o->interactive ? run_interactive(o, c, &err) : run_batch(o, c, &err);
+	if (rc)
+		comm_fail(c, PROG, &err);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	options o = {
@@ -819,6 +845,16 @@ int main(int argc, char **argv)
 		rc = comm_open_mpi(&c, &err);
 	if (!rc && comm_rank(c) > 0 && !freopen("/dev/null", "w", stdout))
 		rc = dsv3_fail_errno(&err, "/dev/null");
+	/* mp-N shards, --device cuda and N GPUs, no mpirun: this process runs the N ranks, one
+	 * thread per GPU, each through the same flow as a rank of an mpirun job. */
+	int gpu_ranks = 1;
+	if (!rc && !c && o.device == MODEL_DEVICE_CUDA)
+		rc = cuda_rank_threads(o.ckpt, &gpu_ranks, &err);
+	if (!rc && gpu_ranks > 1) {
+		int rank0_rc = 0;
+		rc = comm_nccl_run(gpu_ranks, run_rank, &o, &rank0_rc, &err);
+		return rc ? dsv3_report(PROG, &err) : rank0_rc;
+	}
 	if (!rc)
 		rc = o.interactive ? run_interactive(&o, c, &err) : run_batch(&o, c, &err);
 	if (rc && comm_size(c) > 1)

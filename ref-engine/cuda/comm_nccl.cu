@@ -1,0 +1,380 @@
+/* GPU ranks over NCCL (DESIGN §5 "Several ranks", issue 8).
+ *
+ * Two things live here:
+ *  - the comm interface (comm.h) over NCCL, for the ranks that one process runs itself, one
+ *    thread per GPU (comm_nccl_run): its ops take HOST buffers (the prompt text and the tokens
+ *    that rank 0 broadcasts) and stage them through a device buffer;
+ *  - the engine's link to the other ranks (tp.cuh): NCCL collectives on device buffers, on the
+ *    engine's stream. Under mpirun the link is bootstrapped over the MPI comm (rank 0's
+ *    ncclUniqueId broadcast over MPI, the GPU chosen by the rank's local rank).
+ * Every NCCL call is checked; a failure names the rank and the operation and ends every rank
+ * (ncclCommAbort, then comm_abort), so a job exits non-zero instead of hanging.
+ * Built without NCCL (its header or library not found: DSV3_NCCL=0), one rank works as before
+ * and several GPU ranks are refused with a message saying why. */
+#include <cuda_runtime.h>
+#include <dirent.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tp.cuh" /* comm.h, made C++-clean */
+extern "C" {
+#include "cuda_model.h"
+}
+
+#ifndef DSV3_NCCL
+#define DSV3_NCCL 0
+#endif
+#if DSV3_NCCL
+#include <nccl.h>
+#endif
+
+/* ---- which launch: mp-N shards and N GPUs ---- */
+
+/* N of DIR's model{r}-mp{N}.safetensors (that of rank 0's file); 0 when there is none. */
+static int shard_ranks(const char *dir)
+{
+	DIR *d = opendir(dir);
+	int n = 0;
+	if (!d)
+		return 0;
+	for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+		int r, mp, end = 0;
+		if (sscanf(e->d_name, "model%d-mp%d.safetensors%n", &r, &mp, &end) == 2 && end &&
+		    !e->d_name[end] && r == 0 && mp > n)
+			n = mp;
+	}
+	closedir(d);
+	return n;
+}
+
+extern "C" int cuda_rank_threads(const char *dir, int *n, dsv3_error *err)
+{
+	(void)err;
+	int mp = shard_ranks(dir), gpus = 0;
+	*n = 1;
+	if (mp < 2)
+		return 0;
+	if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
+		cudaGetLastError();
+		return 0;
+	}
+	/* With fewer GPUs than shards the engine merges the shards on one GPU, as before. */
+	if (gpus >= mp)
+		*n = mp;
+	return 0;
+}
+
+#if DSV3_NCCL
+
+/* ---- the link (tp.cuh) ---- */
+
+struct tp_link {
+	ncclComm_t nc;
+	int rank, size, device;
+	int owned;    /* bootstrapped here over an MPI comm: destroyed by tp_detach */
+	int threaded; /* the ranks are threads of this process */
+	comm *host;   /* the comm whose abort ends the job */
+};
+
+[[noreturn]] static void fail_exit(const tp_link *t, int code)
+{
+	fflush(stdout);
+	fflush(stderr);
+	/* One process holding every rank: ending it ends them all, and exiting without atexit
+	 * handlers cannot wait on another rank's thread blocked in a collective. */
+	if (t->threaded)
+		_exit(code);
+	comm_abort(t->host, code);
+}
+
+[[noreturn]] void tp_abort(tp_link *t, int code)
+{
+	if (!t->threaded)
+		ncclCommAbort(t->nc); /* this rank's kernels stop waiting for peers */
+	fail_exit(t, code);
+}
+
+static void nccl_check(tp_link *t, ncclResult_t r, const char *op, const char *what)
+{
+	if (r == ncclSuccess || r == ncclInProgress)
+		return;
+	fprintf(stderr, "dsv3: rank %d of %d (GPU %d): NCCL error in %s%s%s: %s%s%s\n", t->rank, t->size, t->device,
+		op, what ? " of " : "", what ? what : "", ncclGetErrorString(r), ncclGetLastError(t->nc) ? ": " : "",
+		ncclGetLastError(t->nc) ? ncclGetLastError(t->nc) : "");
+	tp_abort(t, DSV3_EIO);
+}
+
+static void cuda_ok(tp_link *t, cudaError_t e, const char *op)
+{
+	if (e == cudaSuccess)
+		return;
+	fprintf(stderr, "dsv3: rank %d of %d (GPU %d): CUDA error in %s: %s\n", t->rank, t->size, t->device, op,
+		cudaGetErrorString(e));
+	tp_abort(t, DSV3_EIO);
+}
+
+void tp_allreduce(tp_link *t, float *buf, size_t n, cudaStream_t s, const char *what)
+{
+	nccl_check(t, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, t->nc, s), "ncclAllReduce", what);
+}
+
+void tp_allgather(tp_link *t, const float *send, float *recv, size_t n, cudaStream_t s, const char *what)
+{
+	nccl_check(t, ncclAllGather(send, recv, n, ncclFloat, t->nc, s), "ncclAllGather", what);
+}
+
+int tp_device(const tp_link *t) { return t->device; }
+
+/* ---- the comm over NCCL (comm.h): host buffers staged through the device ---- */
+
+struct nccl_comm {
+	tp_link link;
+	cudaStream_t stream;
+	void *stage; /* device buffer for the host-buffer collectives */
+	size_t stage_bytes;
+};
+
+static nccl_comm *impl(comm *c) { return (nccl_comm *)c->impl; }
+
+/* The staging buffer grown to at least `bytes` (collective calls: every rank grows alike). */
+static char *stage(nccl_comm *x, size_t bytes)
+{
+	if (bytes > x->stage_bytes) {
+		if (x->stage)
+			cuda_ok(&x->link, cudaFree(x->stage), "cudaFree (staging buffer)");
+		cuda_ok(&x->link, cudaMalloc(&x->stage, bytes), "cudaMalloc (staging buffer)");
+		x->stage_bytes = bytes;
+	}
+	return (char *)x->stage;
+}
+
+static void copy(nccl_comm *x, void *dst, const void *src, size_t bytes, cudaMemcpyKind kind)
+{
+	cuda_ok(&x->link, cudaMemcpyAsync(dst, src, bytes, kind, x->stream), "cudaMemcpyAsync (staging)");
+}
+
+static void finish(nccl_comm *x)
+{
+	cuda_ok(&x->link, cudaStreamSynchronize(x->stream), "cudaStreamSynchronize (host collective)");
+}
+
+/* Host collectives go in pieces of at most this many bytes of staging. */
+#define STAGE_PIECE ((size_t)64 << 20)
+
+static void nc_allreduce_sum(comm *c, float *buf, size_t n)
+{
+	nccl_comm *x = impl(c);
+	size_t piece = STAGE_PIECE / sizeof(float);
+	float *d = (float *)stage(x, sizeof(float) * (n < piece ? n : piece));
+	for (size_t at = 0; at < n; at += piece) {
+		size_t k = n - at < piece ? n - at : piece;
+		copy(x, d, buf + at, sizeof(float) * k, cudaMemcpyHostToDevice);
+		nccl_check(&x->link, ncclAllReduce(d, d, k, ncclFloat, ncclSum, x->link.nc, x->stream),
+			   "ncclAllReduce", "a host buffer");
+		copy(x, buf + at, d, sizeof(float) * k, cudaMemcpyDeviceToHost);
+		finish(x);
+	}
+}
+
+static void nc_allgather(comm *c, const float *send, size_t n, float *recv)
+{
+	nccl_comm *x = impl(c);
+	size_t bytes = sizeof(float) * n;
+	char *d = stage(x, bytes * (size_t)(c->size + 1));
+	copy(x, d, send, bytes, cudaMemcpyHostToDevice);
+	nccl_check(&x->link, ncclAllGather(d, d + bytes, n, ncclFloat, x->link.nc, x->stream), "ncclAllGather",
+		   "a host buffer");
+	copy(x, recv, d + bytes, bytes * (size_t)c->size, cudaMemcpyDeviceToHost);
+	finish(x);
+}
+
+static void nc_broadcast(comm *c, void *buf, size_t bytes, int root)
+{
+	nccl_comm *x = impl(c);
+	char *d = stage(x, bytes < STAGE_PIECE ? bytes : STAGE_PIECE), *h = (char *)buf;
+	for (size_t at = 0; at < bytes; at += STAGE_PIECE) {
+		size_t k = bytes - at < STAGE_PIECE ? bytes - at : STAGE_PIECE;
+		if (c->rank == root)
+			copy(x, d, h + at, k, cudaMemcpyHostToDevice);
+		nccl_check(&x->link, ncclBroadcast(d, d, k, ncclChar, root, x->link.nc, x->stream), "ncclBroadcast",
+			   "a host buffer");
+		copy(x, h + at, d, k, cudaMemcpyDeviceToHost);
+		finish(x);
+	}
+}
+
+static void nc_barrier(comm *c)
+{
+	float one = 1.0f;
+	nc_allreduce_sum(c, &one, 1);
+}
+
+static void nc_abort(comm *c, int code)
+{
+	fail_exit(&impl(c)->link, code);
+}
+
+/* The launcher's comm is closed by the launcher (comm_nccl_run), after the rank's work. */
+static void nc_close(comm *c)
+{
+	(void)c;
+}
+
+static const struct comm_ops nccl_ops = {
+	nc_allreduce_sum, nc_allgather, nc_broadcast, nc_barrier, nc_abort, nc_close,
+};
+
+/* ---- the engine's link ---- */
+
+/* A new communicator over the ranks of c (an MPI job): one GPU per rank of a host. */
+static int bootstrap(tp_link *t, comm *c, dsv3_error *err)
+{
+	int gpus = 0, local = comm_local_rank();
+	*t = tp_link{};
+	t->rank = comm_rank(c), t->size = comm_size(c), t->owned = 1, t->host = c, t->device = local;
+	if (cudaGetDeviceCount(&gpus) != cudaSuccess || local >= gpus)
+		return dsv3_fail(err, DSV3_EUSAGE, "rank %d of %d is local rank %d of its host, which has %d GPU(s) "
+				 "visible: start at most one rank per GPU", t->rank, t->size, local, gpus);
+	cuda_ok(t, cudaSetDevice(local), "cudaSetDevice");
+	ncclUniqueId id;
+	memset(&id, 0, sizeof id);
+	if (t->rank == 0)
+		nccl_check(t, ncclGetUniqueId(&id), "ncclGetUniqueId", NULL);
+	comm_broadcast(c, &id, sizeof id, 0); /* over MPI: NCCL's bootstrap, no transport of ours */
+	nccl_check(t, ncclCommInitRank(&t->nc, t->size, id, t->rank), "ncclCommInitRank", NULL);
+	return 0;
+}
+
+int tp_attach(tp_link **out, comm *c, dsv3_error *err)
+{
+	*out = NULL;
+	tp_link *t = (tp_link *)calloc(1, sizeof *t);
+	if (!t)
+		return dsv3_fail(err, DSV3_EIO, "out of host memory");
+	if (c->kind && !strcmp(c->kind, "nccl")) {
+		*t = impl(c)->link;
+		t->owned = 0;
+		cuda_ok(t, cudaSetDevice(t->device), "cudaSetDevice");
+	} else {
+		int rc = bootstrap(t, c, err);
+		if (rc) {
+			free(t);
+			return rc;
+		}
+	}
+	*out = t;
+	return 0;
+}
+
+void tp_detach(tp_link *t)
+{
+	if (t && t->owned)
+		ncclCommDestroy(t->nc);
+	free(t);
+}
+
+/* ---- one process, one thread per GPU ---- */
+
+struct rank_thread {
+	pthread_t tid;
+	comm c;
+	nccl_comm x;
+	int (*rank_main)(comm *c, void *arg);
+	void *arg;
+	int rc;
+};
+
+static void *rank_thread_main(void *p)
+{
+	rank_thread *r = (rank_thread *)p;
+	cuda_ok(&r->x.link, cudaSetDevice(r->x.link.device), "cudaSetDevice");
+	cuda_ok(&r->x.link, cudaStreamCreateWithFlags(&r->x.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+	r->rc = r->rank_main(&r->c, r->arg);
+	/* Every rank is done with the communicator once its main returns. */
+	if (r->x.stage)
+		cudaFree(r->x.stage);
+	cudaStreamDestroy(r->x.stream);
+	ncclCommDestroy(r->x.link.nc);
+	return NULL;
+}
+
+extern "C" int comm_nccl_run(int n, int (*rank_main)(comm *c, void *arg), void *arg, int *rank0_rc,
+			     dsv3_error *err)
+{
+	int gpus = 0;
+	if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus < n) {
+		cudaGetLastError();
+		return dsv3_fail(err, DSV3_EUSAGE, "%d GPU ranks need %d GPUs, %d visible", n, n, gpus);
+	}
+	ncclComm_t *ncs = (ncclComm_t *)calloc((size_t)n, sizeof *ncs);
+	int *devs = (int *)calloc((size_t)n, sizeof *devs);
+	rank_thread *rt = (rank_thread *)calloc((size_t)n, sizeof *rt);
+	if (!ncs || !devs || !rt) {
+		free(ncs), free(devs), free(rt);
+		return dsv3_fail(err, DSV3_EIO, "out of host memory");
+	}
+	for (int i = 0; i < n; i++)
+		devs[i] = i;
+	/* ncclCommInitAll: the n communicators of one process, rank i on GPU i. */
+	ncclResult_t r = ncclCommInitAll(ncs, n, devs);
+	if (r != ncclSuccess) {
+		int rc = dsv3_fail(err, DSV3_EIO, "NCCL error in ncclCommInitAll over %d GPUs: %s", n,
+				   ncclGetErrorString(r));
+		free(ncs), free(devs), free(rt);
+		return rc;
+	}
+	int started = 0, rc = 0;
+	for (int i = 0; i < n; i++) {
+		rank_thread *t = &rt[i];
+		t->x.link = tp_link{ ncs[i], i, n, i, 0, 1, &t->c };
+		t->c = comm{ &nccl_ops, i, n, "nccl", &t->x, 0.0, 0 };
+		t->rank_main = rank_main, t->arg = arg;
+		if (pthread_create(&t->tid, NULL, rank_thread_main, t)) {
+			/* the started ranks would wait for this one forever */
+			fprintf(stderr, "dsv3: cannot start the thread of GPU rank %d of %d\n", i, n);
+			fail_exit(&t->x.link, DSV3_EIO);
+		}
+		started++;
+	}
+	for (int i = 0; i < started; i++)
+		pthread_join(rt[i].tid, NULL);
+	*rank0_rc = rt[0].rc;
+	free(ncs), free(devs), free(rt);
+	return rc;
+}
+
+#else /* !DSV3_NCCL */
+
+struct tp_link {
+	int device;
+};
+
+static const char no_nccl[] = "several GPU ranks need NCCL, and this build has none (nccl.h and libnccl "
+			      "were not found under CUDA_HOME when it was built)";
+
+int tp_attach(tp_link **out, comm *c, dsv3_error *err)
+{
+	(void)c;
+	*out = NULL;
+	return dsv3_fail(err, DSV3_EUSAGE, "%s", no_nccl);
+}
+
+void tp_detach(tp_link *t) { free(t); }
+int tp_device(const tp_link *t) { return t->device; }
+
+/* Unreachable: no link is ever attached. */
+void tp_allreduce(tp_link *, float *, size_t, cudaStream_t, const char *) { abort(); }
+void tp_allgather(tp_link *, const float *, float *, size_t, cudaStream_t, const char *) { abort(); }
+[[noreturn]] void tp_abort(tp_link *, int code) { exit(code); }
+
+extern "C" int comm_nccl_run(int n, int (*rank_main)(comm *c, void *arg), void *arg, int *rank0_rc,
+			     dsv3_error *err)
+{
+	(void)n, (void)rank_main, (void)arg, (void)rank0_rc;
+	return dsv3_fail(err, DSV3_EUSAGE, "%s", no_nccl);
+}
+
+#endif
