@@ -9,6 +9,15 @@
 #ifndef DSV3_COMM_H
 #define DSV3_COMM_H
 #include <stddef.h>
+
+/* C11's _Noreturn, spelled as C++ spells it when the CUDA sources include this header. */
+#if defined(__cplusplus) && !defined(_Noreturn)
+#define _Noreturn [[noreturn]]
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 #include "error.h"
 
 typedef struct comm comm;
@@ -59,4 +68,7 @@ int comm_open_mpi(comm **c, dsv3_error *err);
 /* This rank's index among the ranks of its host (to pick a GPU), from the launcher; 0 if none. */
 int comm_local_rank(void);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

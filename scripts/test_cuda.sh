@@ -21,6 +21,9 @@ bin=$(cd "${DSV3_BIN:-$root/build/bin}" 2>/dev/null && pwd) || { echo "test-cuda
 tokenizer=${DSV3_TOKENIZER:-$root/.deps/tokenizer}
 cd "$root" || exit 1
 export DSV3_BIN="$bin" # for the tests of tests/cuda, as make test gives its tests
+# One GPU: with several visible, --device cuda over mp-N shards would start N GPU ranks
+# (make test-cuda-multi checks those).
+export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 passed=0 failed=0 skipped=0
 
 no_gpu() {

@@ -8,19 +8,10 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 
-/* comm.h is C11: its _Noreturn is C++'s [[noreturn]]. */
-#ifndef _Noreturn
-#define _Noreturn [[noreturn]]
-#define DSV3_TP_NORETURN_DEFINED
-#endif
-extern "C" {
 #include "comm.h"
-#include "error.h"
+extern "C" {
+#include "error.h" /* plain C, no extern "C" of its own */
 }
-#ifdef DSV3_TP_NORETURN_DEFINED
-#undef _Noreturn
-#undef DSV3_TP_NORETURN_DEFINED
-#endif
 #include "kernels.cuh"
 
 struct tp_link; /* opaque: comm_nccl.cu */
