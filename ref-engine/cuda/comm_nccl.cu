@@ -9,8 +9,11 @@
  *    ncclUniqueId broadcast over MPI, the GPU chosen by the rank's local rank).
  * Every NCCL call is checked; a failure names the rank and the operation and ends every rank
  * (ncclCommAbort, then comm_abort), so a job exits non-zero instead of hanging.
- * Built without NCCL (its header or library not found: DSV3_NCCL=0), one rank works as before
- * and several GPU ranks are refused with a message saying why. */
+ * Under mpirun, ranks that NCCL cannot link (built without NCCL, more ranks on a host than GPUs,
+ * or DSV3_TP_STAGED=1) get a staged link instead: each collective copies the device buffer to
+ * host memory, sums or gathers it with the MPI comm and copies it back. It is slow (a stream
+ * sync per collective, no decode graphs), and it is what lets several GPU ranks run, and be
+ * checked against the goldens, on one GPU. */
 #include <cuda_runtime.h>
 #include <dirent.h>
 #include <pthread.h>
@@ -67,17 +70,100 @@ extern "C" int cuda_rank_threads(const char *dir, int *n, dsv3_error *err)
 	return 0;
 }
 
-#if DSV3_NCCL
-
 /* ---- the link (tp.cuh) ---- */
 
 struct tp_link {
+#if DSV3_NCCL
 	ncclComm_t nc;
+#endif
 	int rank, size, device;
 	int owned;    /* bootstrapped here over an MPI comm: destroyed by tp_detach */
 	int threaded; /* the ranks are threads of this process */
 	comm *host;   /* the comm whose abort ends the job */
+	int staged;   /* collectives through host memory over `host` (MPI), not NCCL */
+	float *h;     /* staged: pinned host buffer of h_cap floats */
+	size_t h_cap;
 };
+
+int tp_capturable(const tp_link *t) { return !t->staged; }
+int tp_device(const tp_link *t) { return t->device; }
+
+/* ---- the staged link: device -> host, the MPI collective, host -> device ---- */
+
+[[noreturn]] static void staged_fail(tp_link *t, cudaError_t e, const char *op)
+{
+	fprintf(stderr, "dsv3: rank %d of %d (GPU %d): CUDA error in %s: %s\n", t->rank, t->size, t->device, op,
+		cudaGetErrorString(e));
+	comm_abort(t->host, DSV3_EIO);
+}
+
+static void staged_ok(tp_link *t, cudaError_t e, const char *op)
+{
+	if (e != cudaSuccess)
+		staged_fail(t, e, op);
+}
+
+static float *staged_buffer(tp_link *t, size_t n)
+{
+	if (n > t->h_cap) {
+		if (t->h)
+			staged_ok(t, cudaFreeHost(t->h), "cudaFreeHost (staging)");
+		staged_ok(t, cudaMallocHost((void **)&t->h, sizeof(float) * n), "cudaMallocHost (staging)");
+		t->h_cap = n;
+	}
+	return t->h;
+}
+
+static void staged_allreduce(tp_link *t, float *buf, size_t n, cudaStream_t s)
+{
+	float *h = staged_buffer(t, n);
+	staged_ok(t, cudaMemcpyAsync(h, buf, sizeof(float) * n, cudaMemcpyDeviceToHost, s), "staging copy");
+	staged_ok(t, cudaStreamSynchronize(s), "staging sync");
+	comm_allreduce_sum(t->host, h, n);
+	staged_ok(t, cudaMemcpyAsync(buf, h, sizeof(float) * n, cudaMemcpyHostToDevice, s), "staging copy");
+	staged_ok(t, cudaStreamSynchronize(s), "staging sync");
+}
+
+static void staged_allgather(tp_link *t, const float *send, float *recv, size_t n, cudaStream_t s)
+{
+	float *h = staged_buffer(t, n * (size_t)(t->size + 1));
+	staged_ok(t, cudaMemcpyAsync(h, send, sizeof(float) * n, cudaMemcpyDeviceToHost, s), "staging copy");
+	staged_ok(t, cudaStreamSynchronize(s), "staging sync");
+	comm_allgather(t->host, h, n, h + n);
+	staged_ok(t, cudaMemcpyAsync(recv, h + n, sizeof(float) * n * (size_t)t->size, cudaMemcpyHostToDevice, s),
+		  "staging copy");
+	staged_ok(t, cudaStreamSynchronize(s), "staging sync");
+}
+
+/* Ranks of an MPI job that share GPUs, or have no NCCL: GPU local_rank % GPUs, staged collectives. */
+static int attach_staged(tp_link *t, comm *c, int gpus, dsv3_error *err)
+{
+	*t = tp_link{};
+	t->rank = comm_rank(c), t->size = comm_size(c), t->host = c, t->staged = 1;
+	if (gpus < 1)
+		return dsv3_fail(err, DSV3_EUSAGE, "rank %d of %d: --device cuda, but no GPU is visible", t->rank,
+				 t->size);
+	t->device = comm_local_rank() % gpus;
+	staged_ok(t, cudaSetDevice(t->device), "cudaSetDevice");
+	if (t->rank == 0)
+		fprintf(stderr, "dsv3: %d GPU ranks: collectives staged through host memory over MPI (%s); "
+			"slow, for checking on fewer GPUs than ranks\n", t->size,
+			DSV3_NCCL ? "more ranks than GPUs on a host, or DSV3_TP_STAGED=1" : "built without NCCL");
+	return 0;
+}
+
+#if DSV3_NCCL
+
+/* Whether the MPI ranks of c take the staged link: decided together (collective), since one
+ * rank on NCCL and another staged would wait for each other forever. */
+static int wants_staged(comm *c, int gpus)
+{
+	const char *e = getenv("DSV3_TP_STAGED");
+	float want = !DSV3_NCCL || comm_local_rank() >= gpus || (e && *e == '1');
+	comm_allreduce_sum(c, &want, 1);
+	return want > 0.0f;
+}
+
 
 [[noreturn]] static void fail_exit(const tp_link *t, int code)
 {
@@ -92,6 +178,8 @@ struct tp_link {
 
 [[noreturn]] void tp_abort(tp_link *t, int code)
 {
+	if (t->staged)
+		comm_abort(t->host, code);
 	if (!t->threaded)
 		ncclCommAbort(t->nc); /* this rank's kernels stop waiting for peers */
 	fail_exit(t, code);
@@ -118,15 +206,17 @@ static void cuda_ok(tp_link *t, cudaError_t e, const char *op)
 
 void tp_allreduce(tp_link *t, float *buf, size_t n, cudaStream_t s, const char *what)
 {
+	if (t->staged)
+		return staged_allreduce(t, buf, n, s);
 	nccl_check(t, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, t->nc, s), "ncclAllReduce", what);
 }
 
 void tp_allgather(tp_link *t, const float *send, float *recv, size_t n, cudaStream_t s, const char *what)
 {
+	if (t->staged)
+		return staged_allgather(t, send, recv, n, s);
 	nccl_check(t, ncclAllGather(send, recv, n, ncclFloat, t->nc, s), "ncclAllGather", what);
 }
-
-int tp_device(const tp_link *t) { return t->device; }
 
 /* ---- the comm over NCCL (comm.h): host buffers staged through the device ---- */
 
@@ -254,12 +344,17 @@ int tp_attach(tp_link **out, comm *c, dsv3_error *err)
 	tp_link *t = (tp_link *)calloc(1, sizeof *t);
 	if (!t)
 		return dsv3_fail(err, DSV3_EIO, "out of host memory");
+	int gpus = 0;
+	if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
+		cudaGetLastError();
+		gpus = 0;
+	}
 	if (c->kind && !strcmp(c->kind, "nccl")) {
 		*t = impl(c)->link;
 		t->owned = 0;
 		cuda_ok(t, cudaSetDevice(t->device), "cudaSetDevice");
 	} else {
-		int rc = bootstrap(t, c, err);
+		int rc = wants_staged(c, gpus) ? attach_staged(t, c, gpus, err) : bootstrap(t, c, err);
 		if (rc) {
 			free(t);
 			return rc;
@@ -271,7 +366,9 @@ int tp_attach(tp_link **out, comm *c, dsv3_error *err)
 
 void tp_detach(tp_link *t)
 {
-	if (t && t->owned)
+	if (t && t->h)
+		cudaFreeHost(t->h);
+	if (t && t->owned && !t->staged)
 		ncclCommDestroy(t->nc);
 	free(t);
 }
@@ -329,7 +426,7 @@ extern "C" int comm_nccl_run(int n, int (*rank_main)(comm *c, void *arg), void *
 	int started = 0, rc = 0;
 	for (int i = 0; i < n; i++) {
 		rank_thread *t = &rt[i];
-		t->x.link = tp_link{ ncs[i], i, n, i, 0, 1, &t->c };
+		t->x.link = tp_link{ ncs[i], i, n, i, 0, 1, &t->c, 0, NULL, 0 };
 		t->c = comm{ &nccl_ops, i, n, "nccl", &t->x, 0.0, 0 };
 		t->rank_main = rank_main, t->arg = arg;
 		if (pthread_create(&t->tid, NULL, rank_thread_main, t)) {
@@ -348,33 +445,56 @@ extern "C" int comm_nccl_run(int n, int (*rank_main)(comm *c, void *arg), void *
 
 #else /* !DSV3_NCCL */
 
-struct tp_link {
-	int device;
-};
-
-static const char no_nccl[] = "several GPU ranks need NCCL, and this build has none (nccl.h and libnccl "
-			      "were not found under CUDA_HOME when it was built)";
-
+/* Without NCCL only the staged link (MPI ranks) exists. */
 int tp_attach(tp_link **out, comm *c, dsv3_error *err)
 {
-	(void)c;
 	*out = NULL;
-	return dsv3_fail(err, DSV3_EUSAGE, "%s", no_nccl);
+	if (c->kind && !strcmp(c->kind, "nccl"))
+		return dsv3_fail(err, DSV3_EUSAGE, "several GPU ranks in one process need NCCL, and this "
+				 "build has none (nccl.h and libnccl were not found under CUDA_HOME)");
+	int gpus = 0;
+	if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
+		cudaGetLastError();
+		gpus = 0;
+	}
+	tp_link *t = (tp_link *)calloc(1, sizeof *t);
+	if (!t)
+		return dsv3_fail(err, DSV3_EIO, "out of host memory");
+	int rc = attach_staged(t, c, gpus, err);
+	if (rc) {
+		free(t);
+		return rc;
+	}
+	*out = t;
+	return 0;
 }
 
-void tp_detach(tp_link *t) { free(t); }
-int tp_device(const tp_link *t) { return t->device; }
+void tp_detach(tp_link *t)
+{
+	if (t && t->h)
+		cudaFreeHost(t->h);
+	free(t);
+}
 
-/* Unreachable: no link is ever attached. */
-void tp_allreduce(tp_link *, float *, size_t, cudaStream_t, const char *) { abort(); }
-void tp_allgather(tp_link *, const float *, float *, size_t, cudaStream_t, const char *) { abort(); }
-[[noreturn]] void tp_abort(tp_link *, int code) { exit(code); }
+void tp_allreduce(tp_link *t, float *buf, size_t n, cudaStream_t s, const char *)
+{
+	staged_allreduce(t, buf, n, s);
+}
+
+void tp_allgather(tp_link *t, const float *send, float *recv, size_t n, cudaStream_t s, const char *)
+{
+	staged_allgather(t, send, recv, n, s);
+}
+
+[[noreturn]] void tp_abort(tp_link *t, int code) { comm_abort(t->host, code); }
 
 extern "C" int comm_nccl_run(int n, int (*rank_main)(comm *c, void *arg), void *arg, int *rank0_rc,
 			     dsv3_error *err)
 {
 	(void)n, (void)rank_main, (void)arg, (void)rank0_rc;
-	return dsv3_fail(err, DSV3_EUSAGE, "%s", no_nccl);
+	return dsv3_fail(err, DSV3_EUSAGE, "several GPU ranks in one process need NCCL, and this build "
+			 "has none (nccl.h and libnccl were not found under CUDA_HOME); under mpirun they "
+			 "run with collectives staged over MPI");
 }
 
 #endif

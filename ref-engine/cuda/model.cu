@@ -851,7 +851,7 @@ static void decode_step(cuda_model *g, int n, const int *seqs, const int *tokens
 		need = pos[i] + 1 > need ? pos[i] + 1 : need;
 	int cap = ctx_bucket(g, need);
 	set_inputs(g, n, tokens, seqs, pos);
-	if (g->sync_each || g->profile) {
+	if (g->sync_each || g->profile || (g->tp && !tp_capturable(g->tp))) {
 		step_body(g, n, cap);
 	} else {
 		cudaGraphExec_t exec = step_graph(g, n, cap);

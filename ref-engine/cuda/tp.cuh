@@ -24,6 +24,9 @@ struct tp_link; /* opaque: comm_nccl.cu */
 int tp_attach(struct tp_link **out, comm *c, dsv3_error *err);
 void tp_detach(struct tp_link *t);
 int tp_device(const struct tp_link *t);
+/* Whether the link's collectives can be captured into a CUDA graph (NCCL); a staged link (MPI
+ * through host memory) cannot, and the engine then runs decode steps without graphs. */
+int tp_capturable(const struct tp_link *t);
 /* buf[0:n] = the sum over the ranks, in place. */
 void tp_allreduce(struct tp_link *t, float *buf, size_t n, cudaStream_t s, const char *what);
 /* recv[r * n : (r + 1) * n] = rank r's send[0:n]. */
