@@ -24,7 +24,6 @@ export DSV3_BIN="$bin" # for the tests of tests/cuda, as make test gives its tes
 # One GPU: with several visible, --device cuda over mp-N shards would start N GPU ranks
 # (make test-cuda-multi checks those).
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
-passed=0 failed=0 skipped=0
 
 no_gpu() {
 	echo "test-cuda: skipped: no GPU"
@@ -45,27 +44,8 @@ case $probe in
 esac
 nvidia-smi -L | sed 's/^/test-cuda: /'
 
-work=$(mktemp -d /tmp/dsv3-test-cuda-XXXXXX) || exit 1
-[ -n "${TEST_CUDA_KEEP:-}" ] && echo "test-cuda: work dir $work" || trap 'rm -rf "$work"' EXIT
-
-# check NAME CMD...: runs CMD (a function or program); its output is shown only when it fails.
-check() {
-	name=$1
-	shift
-	if "$@" >"$work/log" 2>&1; then
-		passed=$((passed + 1))
-		echo "ok   $name"
-	else
-		failed=$((failed + 1))
-		echo "FAIL $name"
-		tail -n 60 "$work/log" | sed 's/^/    /'
-	fi
-}
-
-skip() {
-	skipped=$((skipped + 1))
-	echo "skip $1"
-}
+tag=test-cuda
+. "$root/scripts/check_lib.sh"
 
 # ---- 1. golden logits on the GPU ----
 

@@ -22,7 +22,6 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$(cd "${DSV3_BIN:-$root/build/bin}" 2>/dev/null && pwd) || { echo "test-cuda-multi: DSV3_BIN: no such directory" >&2; exit 1; }
 tokenizer=${DSV3_TOKENIZER:-$root/.deps/tokenizer}
 cd "$root" || exit 1
-passed=0 failed=0 skipped=0
 # Every run is bounded: a hang (a rank waiting for a collective that never comes) is a failure.
 LIMIT=300
 
@@ -64,26 +63,8 @@ mpirun_np() { # N CMD...
 	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout $LIMIT mpirun --oversubscribe -np "$n" "$@"
 }
 
-work=$(mktemp -d /tmp/dsv3-test-cuda-multi-XXXXXX) || exit 1
-[ -n "${TEST_CUDA_KEEP:-}" ] && echo "test-cuda-multi: work dir $work" || trap 'rm -rf "$work"' EXIT
-
-check() {
-	name=$1
-	shift
-	if "$@" >"$work/log" 2>&1; then
-		passed=$((passed + 1))
-		echo "ok   $name"
-	else
-		failed=$((failed + 1))
-		echo "FAIL $name"
-		tail -n 60 "$work/log" | sed 's/^/    /'
-	fi
-}
-
-skip() {
-	skipped=$((skipped + 1))
-	echo "skip $1"
-}
+tag=test-cuda-multi
+. "$root/scripts/check_lib.sh"
 
 # ---- 1. golden logits on N GPU ranks ----
 

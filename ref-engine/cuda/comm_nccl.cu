@@ -34,6 +34,17 @@ extern "C" {
 #include <nccl.h>
 #endif
 
+/* GPUs this process sees; 0 when CUDA cannot say (its error cleared). */
+static int visible_gpus(void)
+{
+	int gpus = 0;
+	if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
+		cudaGetLastError();
+		return 0;
+	}
+	return gpus;
+}
+
 /* ---- which launch: mp-N shards and N GPUs ---- */
 
 /* N of DIR's model{r}-mp{N}.safetensors (that of rank 0's file); 0 when there is none. */
@@ -56,14 +67,10 @@ static int shard_ranks(const char *dir)
 extern "C" int cuda_rank_threads(const char *dir, int *n, dsv3_error *err)
 {
 	(void)err;
-	int mp = shard_ranks(dir), gpus = 0;
+	int mp = shard_ranks(dir), gpus = visible_gpus();
 	*n = 1;
 	if (mp < 2)
 		return 0;
-	if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
-		cudaGetLastError();
-		return 0;
-	}
 	/* With fewer GPUs than shards the engine merges the shards on one GPU, as before. */
 	if (gpus >= mp)
 		*n = mp;
@@ -322,10 +329,10 @@ static const struct comm_ops nccl_ops = {
 /* A new communicator over the ranks of c (an MPI job): one GPU per rank of a host. */
 static int bootstrap(tp_link *t, comm *c, dsv3_error *err)
 {
-	int gpus = 0, local = comm_local_rank();
+	int gpus = visible_gpus(), local = comm_local_rank();
 	*t = tp_link{};
 	t->rank = comm_rank(c), t->size = comm_size(c), t->owned = 1, t->host = c, t->device = local;
-	if (cudaGetDeviceCount(&gpus) != cudaSuccess || local >= gpus)
+	if (local >= gpus)
 		return dsv3_fail(err, DSV3_EUSAGE, "rank %d of %d is local rank %d of its host, which has %d GPU(s) "
 				 "visible: start at most one rank per GPU", t->rank, t->size, local, gpus);
 	cuda_ok(t, cudaSetDevice(local), "cudaSetDevice");
@@ -344,11 +351,7 @@ int tp_attach(tp_link **out, comm *c, dsv3_error *err)
 	tp_link *t = (tp_link *)calloc(1, sizeof *t);
 	if (!t)
 		return dsv3_fail(err, DSV3_EIO, "out of host memory");
-	int gpus = 0;
-	if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
-		cudaGetLastError();
-		gpus = 0;
-	}
+	int gpus = visible_gpus();
 	if (c->kind && !strcmp(c->kind, "nccl")) {
 		*t = impl(c)->link;
 		t->owned = 0;
@@ -401,11 +404,9 @@ static void *rank_thread_main(void *p)
 extern "C" int comm_nccl_run(int n, int (*rank_main)(comm *c, void *arg), void *arg, int *rank0_rc,
 			     dsv3_error *err)
 {
-	int gpus = 0;
-	if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus < n) {
-		cudaGetLastError();
+	int gpus = visible_gpus();
+	if (gpus < n)
 		return dsv3_fail(err, DSV3_EUSAGE, "%d GPU ranks need %d GPUs, %d visible", n, n, gpus);
-	}
 	ncclComm_t *ncs = (ncclComm_t *)calloc((size_t)n, sizeof *ncs);
 	int *devs = (int *)calloc((size_t)n, sizeof *devs);
 	rank_thread *rt = (rank_thread *)calloc((size_t)n, sizeof *rt);
@@ -452,11 +453,7 @@ int tp_attach(tp_link **out, comm *c, dsv3_error *err)
 	if (c->kind && !strcmp(c->kind, "nccl"))
 		return dsv3_fail(err, DSV3_EUSAGE, "several GPU ranks in one process need NCCL, and this "
 				 "build has none (nccl.h and libnccl were not found under CUDA_HOME)");
-	int gpus = 0;
-	if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
-		cudaGetLastError();
-		gpus = 0;
-	}
+	int gpus = visible_gpus();
 	tp_link *t = (tp_link *)calloc(1, sizeof *t);
 	if (!t)
 		return dsv3_fail(err, DSV3_EIO, "out of host memory");
