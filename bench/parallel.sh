@@ -1,11 +1,15 @@
 #!/bin/bash
-# Tensor-parallel CPU ranks (issue 8): decode tokens/s at batch 1 and 8 on 1, 2 and 4 MPI ranks
-# over the bench shape (../shared/bench: DeepSeek-V3's widths, two layers), the threads of the
-# machine shared out (THREADS / ranks per rank), and the time rank 0 spends inside collectives
-# per decode step (dsv3-generate's "decode collectives" line, waiting for the slowest rank
-# included). Greedy, the same prompts on every run; the texts of every rank count are compared.
+# Tensor-parallel ranks (issue 8): decode tokens/s at batch 1 and 8 on 1, 2 and 4 ranks over the
+# bench shape (../shared/bench: DeepSeek-V3's widths, two layers) and the time rank 0 spends
+# inside collectives per decode step (dsv3-generate's "decode collectives" line, waiting for the
+# slowest rank included). Greedy, the same prompts on every run; the texts of every rank count are
+# compared with one rank's.
+#   DEVICE=cpu (default): MPI ranks, the machine's threads shared out (THREADS / ranks each).
+#   DEVICE=cuda: one GPU per rank; LAUNCH=threads (default: one process runs the N ranks, NCCL)
+#   or LAUNCH=mpirun. One rank runs on GPU 0 alone. The collectives column then counts only the
+#   host-side ones (the token broadcasts): NCCL's run inside the step on the GPU stream.
 # Env: DSV3_BIN (tools), BENCH_DIR (default bench/data), CONFIG (the shape), TOKENIZER,
-# THREADS (default nproc), NEW_TOKENS (default 32), RANKS (default "1 2 4").
+# THREADS (default nproc), NEW_TOKENS (default 32), RANKS (default "1 2 4"), DEVICE, LAUNCH.
 set -euo pipefail
 bin=${DSV3_BIN:?}
 root=${BENCH_DIR:-bench/data}
@@ -13,6 +17,8 @@ config=${CONFIG:-../shared/bench/v3-width-2layer.config.json}
 threads=${THREADS:-$(nproc)}
 new=${NEW_TOKENS:-32}
 ranks=${RANKS:-1 2 4}
+device=${DEVICE:-cpu}
+launch=${LAUNCH:-threads}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mkdir -p "$root"
 ckpt=$root/tp-bench
@@ -32,12 +38,14 @@ for b in 1 8; do
 		t=$((threads / n))
 		[ "$t" -ge 1 ] || t=1
 		if [ "$n" = 1 ]; then
-			cmd=("$bin/dsv3-generate" --ckpt-path "$ckpt")
+			cmd=(env CUDA_VISIBLE_DEVICES=0 "$bin/dsv3-generate" --ckpt-path "$ckpt")
+		elif [ "$device" = cuda ] && [ "$launch" = threads ]; then
+			cmd=("$bin/dsv3-generate" --ckpt-path "$ckpt-mp$n")
 		else
 			cmd=(mpirun --oversubscribe --bind-to none -np "$n" "$bin/dsv3-generate" --ckpt-path "$ckpt-mp$n")
 		fi
-		"${cmd[@]}" --threads "$t" --temperature 0 --max-new-tokens "$new" --input-file "$root/p$b.txt" \
-			>"$root/out.$b.$n" 2>"$root/err.$b.$n"
+		"${cmd[@]}" --device "$device" --threads "$t" --temperature 0 --max-new-tokens "$new" \
+			--input-file "$root/p$b.txt" >"$root/out.$b.$n" 2>"$root/err.$b.$n"
 		dec=$(sed -n 's/.*decode: .*(\([0-9.]*\) tokens\/s).*/\1/p' "$root/err.$b.$n")
 		col=$(sed -n 's/^decode collectives (rank 0): .*, \([0-9.]*\) ms per decode step.*/\1 ms/p' "$root/err.$b.$n")
 		same=$(cmp -s "$root/out.$b.1" "$root/out.$b.$n" 2>/dev/null && echo yes || echo no)
