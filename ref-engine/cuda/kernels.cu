@@ -2,6 +2,7 @@
  * once, the absorbed MLA decode attention over the compressed cache, the MoE gate and routing
  * on the device, fused norms and RoPE. Activations are fp32 throughout; FP8 is decoded by the
  * hardware conversion (exact: every E4M3 value is an F16 value) and scaled per 128x128 block. */
+#include <climits>
 #include "device.cuh"
 #include "kernels.cuh"
 
@@ -793,12 +794,17 @@ void k_route(cudaStream_t s, const route_args *a, const float *scores, int n, in
 	LAUNCHED("route_kernel");
 }
 
-__global__ void moe_groups_kernel(const int *topk, int P, int K, int *count, int *exp, int *cnt, int *tok, int *pair)
+/* One group per distinct expert of the pairs (topk[p], p < P) whose expert is in [lo, lo + count),
+ * its pairs in order; a group's expert is expert - lo (its slot in this rank's stack). One rank
+ * of one: lo 0, every expert. */
+__global__ void moe_groups_kernel(const int *topk, int P, int K, int lo, int count, int *g_count, int *exp,
+					int *cnt, int *tok, int *pair)
 {
 	__shared__ int gid[256];
 	const int p = threadIdx.x, e = p < P ? topk[p] : -1;
+	const bool mine = e >= lo && e < lo + count;
 	int first = p, slot = 0, total = 0;
-	if (p < P) {
+	if (mine) {
 		for (int q = 0; q < P; q++)
 			if (topk[q] == e) {
 				if (q < first)
@@ -812,18 +818,18 @@ __global__ void moe_groups_kernel(const int *topk, int P, int K, int *count, int
 	if (!p) {
 		int G = 0;
 		for (int q = 0; q < P; q++) {
-			int leader = 1;
+			int eq = topk[q], leader = eq >= lo && eq < lo + count;
 			for (int r = 0; r < q && leader; r++)
-				leader = topk[r] != topk[q];
+				leader = topk[r] != eq;
 			gid[q] = leader ? G++ : -1;
 		}
-		*count = G;
+		*g_count = G;
 	}
 	__syncthreads();
-	if (p < P) {
+	if (mine) {
 		int g = gid[first];
 		if (first == p) {
-			exp[g] = e;
+			exp[g] = e - lo;
 			cnt[g] = total;
 		}
 		tok[g * GEMV_MAX_TOKENS + slot] = p / K;
@@ -831,10 +837,16 @@ __global__ void moe_groups_kernel(const int *topk, int P, int K, int *count, int
 	}
 }
 
+void k_moe_groups_local(cudaStream_t s, const int *topk, int n, int K, int lo, int count, int *g_count, int *exp,
+			int *cnt, int *tok, int *pair)
+{
+	moe_groups_kernel<<<1, 256, 0, s>>>(topk, n * K, K, lo, count, g_count, exp, cnt, tok, pair);
+	LAUNCHED("moe_groups_kernel");
+}
+
 void k_moe_groups(cudaStream_t s, const int *topk, int n, int K, int *count, int *exp, int *cnt, int *tok, int *pair)
 {
-	moe_groups_kernel<<<1, 256, 0, s>>>(topk, n * K, K, count, exp, cnt, tok, pair);
-	LAUNCHED("moe_groups_kernel");
+	k_moe_groups_local(s, topk, n, K, 0, INT_MAX, count, exp, cnt, tok, pair);
 }
 
 __global__ void moe_combine_kernel(float *x, const float *y, const float *w, int K, int dim)

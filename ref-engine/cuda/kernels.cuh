@@ -106,6 +106,10 @@ struct route_args {
 void k_route(cudaStream_t s, const route_args *a, const float *scores, int n, int *topk, float *weights);
 /* From topk [n, K] (n * K <= 256), the groups of a decode MoE: one per distinct expert, with
  * its tokens (in[] = t) and pairs (out[] = t * K + k); g->count etc. are written. */
+/* k_moe_groups over the pairs whose expert is in [lo, lo + count): group experts are local
+ * slots (expert - lo); the other ranks' experts are left out. */
+void k_moe_groups_local(cudaStream_t s, const int *topk, int n, int K, int lo, int count, int *g_count, int *exp,
+			int *cnt, int *tok, int *pair);
 void k_moe_groups(cudaStream_t s, const int *topk, int n, int K, int *count, int *exp, int *cnt,
 		  int *tok, int *pair);
 /* x[t, :] += sum_k weights[t, k] * y[(t * K + k), :], k in order, t < n. */

@@ -623,11 +623,8 @@ static void moe(cuda_model *g, const dlayer *d, int n, int layer)
 			  c->score_sigmoid, (float)c->route_scale, d->has_bias ? &d->gate_bias : NULL };
 	cuda_where(layer, "ffn.gate (routing)");
 	k_route(g->stream, &ra, g->gscore, n, g->topk, g->rw);
-	if (g->world == 1)
-		k_moe_groups(g->stream, g->topk, n, K, g->g_count, g->g_exp, g->g_cnt, g->g_tok, g->g_pair);
-	else
-		k_moe_groups_local(g->stream, g->topk, n, K, g->e_lo, g->e_n, g->g_count, g->g_exp, g->g_cnt, g->g_tok,
-				   g->g_pair);
+	k_moe_groups_local(g->stream, g->topk, n, K, g->e_lo, g->e_n, g->g_count, g->g_exp, g->g_cnt, g->g_tok,
+			   g->g_pair);
 	sync_point(g, layer, "ffn.gate (routing)");
 
 	int max_groups = n * K < g->e_n ? n * K : g->e_n;

@@ -36,10 +36,6 @@ void tp_allgather(struct tp_link *t, const float *send, float *recv, size_t n, c
 
 /* out[t, :] = row ids[t] - lo of the embedding slice W when this rank holds it, else zeros. */
 void k_embed_range(cudaStream_t s, float *out, const dweight *w, const int *ids, int n, int lo);
-/* k_moe_groups over the pairs whose expert is in [lo, lo + count): group experts are local
- * slots (expert - lo); the other ranks' experts are left out. */
-void k_moe_groups_local(cudaStream_t s, const int *topk, int n, int K, int lo, int count, int *g_count, int *exp,
-			int *cnt, int *tok, int *pair);
 /* k_moe_combine over this rank's experts only: x[t] += sum over k with topk[t, k] in
  * [lo, lo + count) of weights[t, k] * y[t * K + k]. */
 void k_moe_combine_local(cudaStream_t s, float *x, const float *y, const float *weights, const int *topk, int lo,

@@ -23,55 +23,6 @@ void k_embed_range(cudaStream_t s, float *out, const dweight *w, const int *ids,
 	LAUNCHED("embed_range_kernel");
 }
 
-/* moe_groups_kernel's grouping (one group per distinct expert, its pairs in order) over the
- * pairs of local experts only; a group's expert is its slot in this rank's stack. */
-__global__ void moe_groups_local_kernel(const int *topk, int P, int K, int lo, int count, int *g_count, int *exp,
-					int *cnt, int *tok, int *pair)
-{
-	__shared__ int gid[256];
-	const int p = threadIdx.x, e = p < P ? topk[p] : -1;
-	const bool mine = e >= lo && e < lo + count;
-	int first = p, slot = 0, total = 0;
-	if (mine) {
-		for (int q = 0; q < P; q++)
-			if (topk[q] == e) {
-				if (q < first)
-					first = q;
-				if (q < p)
-					slot++;
-				total++;
-			}
-	}
-	__syncthreads();
-	if (!p) {
-		int G = 0;
-		for (int q = 0; q < P; q++) {
-			int eq = topk[q], leader = eq >= lo && eq < lo + count;
-			for (int r = 0; r < q && leader; r++)
-				leader = topk[r] != eq;
-			gid[q] = leader ? G++ : -1;
-		}
-		*g_count = G;
-	}
-	__syncthreads();
-	if (mine) {
-		int g = gid[first];
-		if (first == p) {
-			exp[g] = e - lo;
-			cnt[g] = total;
-		}
-		tok[g * GEMV_MAX_TOKENS + slot] = p / K;
-		pair[g * GEMV_MAX_TOKENS + slot] = p;
-	}
-}
-
-void k_moe_groups_local(cudaStream_t s, const int *topk, int n, int K, int lo, int count, int *g_count, int *exp,
-			int *cnt, int *tok, int *pair)
-{
-	moe_groups_local_kernel<<<1, 256, 0, s>>>(topk, n * K, K, lo, count, g_count, exp, cnt, tok, pair);
-	LAUNCHED("moe_groups_local_kernel");
-}
-
 /* moe_combine_kernel with the other ranks' pairs left out (their rows of y were never written). */
 __global__ void moe_combine_local_kernel(float *x, const float *y, const float *w, const int *topk, int lo, int count,
 					 int K, int dim)
