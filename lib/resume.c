@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "hf_ckpt.h"
 #include "sha256.h"
 #include "threadpool.h"
 #include "version.h"
@@ -34,47 +35,6 @@ static void key_add(sha256_ctx *sha, const char *text)
 	sha256_update(sha, text, strlen(text) + 1); /* the NUL keeps "ab","c" from "a","bc" */
 }
 
-static int cmp_str(const void *a, const void *b)
-{
-	return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* The names of the regular, not hidden, files directly in dir, sorted. */
-static int list_files(const char *dir, char ***names, size_t *n, dsv3_error *err)
-{
-	DIR *d = opendir(dir);
-	if (!d)
-		return dsv3_fail_errno(err, "cannot open directory %s", dir);
-	size_t cap = 0;
-	*names = NULL;
-	*n = 0;
-	int rc = 0;
-	struct dirent *e;
-	while (!rc && (e = readdir(d))) {
-		struct stat st;
-		if (e->d_name[0] == '.' || fstatat(dirfd(d), e->d_name, &st, 0) != 0 ||
-		    !S_ISREG(st.st_mode))
-			continue;
-		if (*n == cap) {
-			cap = cap ? 2 * cap : 64;
-			char **grown = realloc(*names, cap * sizeof *grown);
-			if (!grown) {
-				rc = dsv3_fail(err, DSV3_EIO, "%s: out of memory", dir);
-				break;
-			}
-			*names = grown;
-		}
-		if (!((*names)[*n] = strdup(e->d_name)))
-			rc = dsv3_fail(err, DSV3_EIO, "%s: out of memory", dir);
-		else
-			(*n)++;
-	}
-	closedir(d);
-	if (!rc)
-		qsort(*names, *n, sizeof **names, cmp_str);
-	return rc;
-}
-
 static void free_names(char **names, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
@@ -82,11 +42,12 @@ static void free_names(char **names, size_t n)
 	free(names);
 }
 
+/* Every regular, not hidden, file directly in dir, in name order: name, size, mtime. */
 static int key_add_dir(sha256_ctx *sha, const char *dir, dsv3_error *err)
 {
 	char **names = NULL;
 	size_t n = 0;
-	int rc = list_files(dir, &names, &n, err);
+	int rc = dir_glob(dir, "*", &names, &n, err);
 	for (size_t i = 0; !rc && i < n; i++) {
 		char path[4096], text[128];
 		struct stat st;
@@ -95,6 +56,8 @@ static int key_add_dir(sha256_ctx *sha, const char *dir, dsv3_error *err)
 			rc = dsv3_fail_errno(err, "cannot stat %s", path);
 			break;
 		}
+		if (!S_ISREG(st.st_mode))
+			continue;
 		snprintf(text, sizeof text, "%" PRIu64 " %lld.%09ld", (uint64_t)st.st_size,
 			 (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
 		key_add(sha, names[i]);

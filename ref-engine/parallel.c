@@ -9,8 +9,7 @@
 #include "hf_ckpt.h"
 #include "sha256.h"
 
-/* The N of every model{r}-mp{N}.safetensors in dir: one N, or the problem named. */
-static int shard_count(const char *dir, int *mp, dsv3_error *err)
+int parallel_shard_count(const char *dir, int *mp, dsv3_error *err)
 {
 	char **names = NULL;
 	size_t n = 0;
@@ -91,7 +90,7 @@ static int same_checkpoint(comm *c, const char *dir, dsv3_error *err)
 int parallel_preflight(comm *c, const char *dir, const dsv3_config *cfg, dsv3_error *err)
 {
 	int world = comm_size(c), mp;
-	int rc = shard_count(dir, &mp, err);
+	int rc = parallel_shard_count(dir, &mp, err);
 	if (!rc && mp != world)
 		rc = dsv3_fail(err, DSV3_EUSAGE, "%s holds shards for %d ranks (model*-mp%d), the "
 			       "job has %d: run mpirun -np %d, or dsv3-shard --model-parallel %d",

@@ -3,6 +3,10 @@
 #ifndef DSV3_PARALLEL_H
 #define DSV3_PARALLEL_H
 #include "comm.h"
+
+#ifdef __cplusplus
+extern "C" { /* comm_nccl.cu reads shard counts with it */
+#endif
 #include "config.h"
 #include "error.h"
 
@@ -12,5 +16,10 @@
  * rank 0's (shards of one checkpoint, also across hosts). A failure is a one-line error naming
  * what differs (the caller ends the job with it). */
 int parallel_preflight(comm *c, const char *dir, const dsv3_config *cfg, dsv3_error *err);
+/* The N of every model{r}-mp{N}.safetensors in dir: one N, or the problem named (none, mixed). */
+int parallel_shard_count(const char *dir, int *mp, dsv3_error *err);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

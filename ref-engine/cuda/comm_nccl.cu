@@ -15,7 +15,6 @@
  * sync per collective, no decode graphs), and it is what lets several GPU ranks run, and be
  * checked against the goldens, on one GPU. */
 #include <cuda_runtime.h>
-#include <dirent.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +22,7 @@
 #include <unistd.h>
 
 #include "tp.cuh" /* comm.h, made C++-clean */
+#include "parallel.h"
 extern "C" {
 #include "cuda_model.h"
 }
@@ -47,29 +47,14 @@ static int visible_gpus(void)
 
 /* ---- which launch: mp-N shards and N GPUs ---- */
 
-/* N of DIR's model{r}-mp{N}.safetensors (that of rank 0's file); 0 when there is none. */
-static int shard_ranks(const char *dir)
-{
-	DIR *d = opendir(dir);
-	int n = 0;
-	if (!d)
-		return 0;
-	for (struct dirent *e = readdir(d); e; e = readdir(d)) {
-		int r, mp, end = 0;
-		if (sscanf(e->d_name, "model%d-mp%d.safetensors%n", &r, &mp, &end) == 2 && end &&
-		    !e->d_name[end] && r == 0 && mp > n)
-			n = mp;
-	}
-	closedir(d);
-	return n;
-}
-
 extern "C" int cuda_rank_threads(const char *dir, int *n, dsv3_error *err)
 {
 	(void)err;
-	int mp = shard_ranks(dir), gpus = visible_gpus();
+	int mp = 0, gpus = visible_gpus();
+	dsv3_error ignored = {};
 	*n = 1;
-	if (mp < 2)
+	/* none, or mixed N: not a launch of several ranks (the preflight names a mix) */
+	if (parallel_shard_count(dir, &mp, &ignored) || mp < 2)
 		return 0;
 	/* With fewer GPUs than shards the engine merges the shards on one GPU, as before. */
 	if (gpus >= mp)

@@ -843,8 +843,6 @@ int main(int argc, char **argv)
 	comm *c = NULL;
 	if (!rc)
 		rc = comm_open_mpi(&c, &err);
-	if (!rc && comm_rank(c) > 0 && !freopen("/dev/null", "w", stdout))
-		rc = dsv3_fail_errno(&err, "/dev/null");
 	/* mp-N shards, --device cuda and N GPUs, no mpirun: this process runs the N ranks, one
 	 * thread per GPU, each through the same flow as a rank of an mpirun job. */
 	int gpu_ranks = 1;
