@@ -12,7 +12,7 @@
  * take the items some writer has reached, so all threads move through the inputs together and a
  * page read from disk serves every one while it is still cached. The hashers run beside the
  * writers rather than inside them: a writer busy hashing a 2 GB embedding would leave the disk
- * idle. Input pages are dropped every RELEASE_EVERY bytes. */
+ * idle. A walk drops the input pages it read as it leaves each FOLIO block (below). */
 #include "mp_shards.h"
 
 #include <fcntl.h>
@@ -31,8 +31,10 @@
 #include "sha256.h"
 #include "threadpool.h"
 
-#define CHUNK (2u << 20)	  /* bytes per write/hash call */
-#define RELEASE_EVERY (2u << 20) /* input bytes touched between page drops */
+#define CHUNK (2u << 20) /* bytes per write/hash call, at most */
+/* A fault on a file mapping maps the whole page-cache folio around it, up to FOLIO (ext4 and xfs
+ * make 2 MiB ones; the kernel maps large files at FOLIO-aligned addresses). */
+#define FOLIO ((uintptr_t)2 << 20)
 #define PROGRESS_EVERY (8u << 20)
 #define DEQUANT_CHUNK (4u << 20)  /* BF16 bytes made per step from an FP8 weight, per thread */
 
@@ -140,6 +142,22 @@ static void note_span(span *s, const uint8_t *p, size_t len)
 		s->hi = p + len;
 }
 
+/* Reads of input pages: no read crosses a FOLIO boundary, and a walk about to read in another
+ * block than the one it holds drops that one first (st_release takes its whole block). So a
+ * walk holds at most one block per piece it reads at once, whatever the folios' sizes, and what
+ * a tool holds is fixed by how many walks it runs (tools/plan models it). */
+static size_t in_block(const uint8_t *p, uint64_t len)
+{
+	uint64_t left = FOLIO - ((uintptr_t)p & (FOLIO - 1));
+	return (size_t)(len < left ? len : left);
+}
+
+static void walk_to(const mp_piece *pc, span *s, const uint8_t *p)
+{
+	if (s->lo && ((uintptr_t)p & ~(FOLIO - 1)) != ((uintptr_t)s->lo & ~(FOLIO - 1)))
+		release_span(pc, s);
+}
+
 /* ---- FP8 weights read as BF16 (mp_dequant) --------------------------------------------- */
 
 /* BF16 elements [e, e + count) of t in row-major order into dst; each row's run is cut at the
@@ -177,26 +195,22 @@ static int walk_slice_dequant(const mp_tensor *t, uint64_t a, uint64_t b, byte_s
 	if (!buf)
 		return dsv3_fail(err, DSV3_EIO, "tensor %s: out of memory", t->name);
 	span fp8 = { 0 };
-	uint64_t touched = 0;
 	int rc = 0;
 	for (uint64_t o = 0; o < g.outer && !rc; o++) {
 		uint64_t off = (o * g.dim + a) * g.inner, len = run;
 		while (len > 0 && !rc) {
-			size_t c = len < cap ? (size_t)len : cap;
+			const uint8_t *src = pc->t->data + off / 2;
+			size_t c = 2 * in_block(src, (len < cap ? len : cap) / 2);
+			walk_to(pc, &fp8, src);
 			if (stop && atomic_load(stop)) {
 				rc = dsv3_fail(err, DSV3_EIO, "cancelled");
 			} else {
 				dequant_elements(t, off / 2, c / 2, buf);
 				rc = sink(ctx, (const uint8_t *)buf, c, err);
 			}
-			note_span(&fp8, pc->t->data + off / 2, c / 2);
-			touched += c / 2;
+			note_span(&fp8, src, c / 2);
 			off += c;
 			len -= c;
-			if (touched >= RELEASE_EVERY) {
-				release_span(pc, &fp8);
-				touched = 0;
-			}
 		}
 	}
 	release_span(pc, &fp8);
@@ -216,7 +230,6 @@ static int walk_slice(const mp_tensor *t, uint64_t a, uint64_t b, byte_sink sink
 	span *spans = calloc((size_t)t->n_pieces, sizeof *spans);
 	if (!spans)
 		return dsv3_fail(err, DSV3_EIO, "tensor %s: out of memory", t->name);
-	uint64_t touched = 0;
 	int rc = 0;
 	for (uint64_t o = 0; o < g.outer && !rc; o++) {
 		for (uint64_t d = a; d < b && !rc;) {
@@ -225,20 +238,15 @@ static int walk_slice(const mp_tensor *t, uint64_t a, uint64_t b, byte_sink sink
 			const uint8_t *src = t->pieces[p].t->data + (o * per_piece + local) * g.inner;
 			uint64_t len = run * g.inner;
 			while (len > 0 && !rc) {
-				size_t c = len < CHUNK ? (size_t)len : CHUNK;
+				size_t c = in_block(src, len < CHUNK ? len : CHUNK);
+				walk_to(&t->pieces[p], &spans[p], src);
 				if (stop && atomic_load(stop))
 					rc = dsv3_fail(err, DSV3_EIO, "cancelled");
 				else
 					rc = sink(ctx, src, c, err);
 				note_span(&spans[p], src, c);
-				touched += c;
 				src += c;
 				len -= c;
-				if (touched >= RELEASE_EVERY) {
-					for (int k = 0; k < t->n_pieces; k++)
-						release_span(&t->pieces[k], &spans[k]);
-					touched = 0;
-				}
 			}
 			d += run;
 		}
@@ -266,9 +274,13 @@ typedef struct {
 	size_t n_hashers; /* tasks [0, n_hashers) hash, the next mp tasks write ranks */
 	size_t reached;	  /* furthest global layout position a writer has started, + 1 */
 	int writers_left; /* rank tasks not yet finished */
-	pthread_cond_t progress_cond; /* reached or writers_left changed, or stop */
+	/* Ranks being written now, at most max_writing (--threads): a hasher that runs out of
+	 * work takes the next rank, but waits for a writer to finish first, so no more than
+	 * max_writing writers' buffers and windows are ever held at once. */
+	int writing, max_writing;
+	pthread_cond_t progress_cond; /* reached, writers_left or writing changed, or stop */
 	atomic_int stop;
-	pthread_mutex_t lock; /* progress, first_err, reached, writers_left */
+	pthread_mutex_t lock; /* progress, first_err, reached, writers_left, writing */
 	progress bar;
 	dsv3_error first_err;
 } write_job;
@@ -312,19 +324,25 @@ static int compare_copy(const mp_tensor *t, const mp_piece *copy, dsv3_error *er
 {
 	const mp_piece *ref = &t->pieces[0];
 	uint64_t n = ref->t->nbytes;
-	for (uint64_t off = 0; off < n; off += RELEASE_EVERY) {
-		uint64_t c = n - off < RELEASE_EVERY ? n - off : RELEASE_EVERY;
-		int differ = memcmp(ref->t->data + off, copy->t->data + off, c) != 0;
-		span a = { ref->t->data + off, ref->t->data + off + c };
-		span b = { copy->t->data + off, copy->t->data + off + c };
-		release_span(ref, &a);
-		release_span(copy, &b);
-		if (differ)
-			return dsv3_fail(err, DSV3_EDATA,
-					 "%s: tensor %s: differs from the copy in %s (a replicated tensor must be the "
-					 "same on every rank)",
-					 copy->file->path, t->name, ref->file->path);
+	span a = { 0 }, b = { 0 };
+	int differ = 0;
+	for (uint64_t off = 0; off < n && !differ;) {
+		const uint8_t *x = ref->t->data + off, *y = copy->t->data + off;
+		size_t c = in_block(y, in_block(x, n - off < CHUNK ? n - off : CHUNK));
+		walk_to(ref, &a, x);
+		walk_to(copy, &b, y);
+		differ = memcmp(x, y, c) != 0;
+		note_span(&a, x, c);
+		note_span(&b, y, c);
+		off += c;
 	}
+	release_span(ref, &a);
+	release_span(copy, &b);
+	if (differ)
+		return dsv3_fail(err, DSV3_EDATA,
+				 "%s: tensor %s: differs from the copy in %s (a replicated tensor must be "
+				 "the same on every rank)",
+				 copy->file->path, t->name, ref->file->path);
 	return 0;
 }
 
@@ -368,6 +386,23 @@ static void note_reached(write_job *j, size_t k)
 		j->reached = k + 1;
 		pthread_cond_broadcast(&j->progress_cond);
 	}
+	pthread_mutex_unlock(&j->lock);
+}
+
+static void take_writer_slot(write_job *j)
+{
+	pthread_mutex_lock(&j->lock);
+	while (j->writing >= j->max_writing && !atomic_load(&j->stop))
+		pthread_cond_wait(&j->progress_cond, &j->lock);
+	j->writing++;
+	pthread_mutex_unlock(&j->lock);
+}
+
+static void give_writer_slot(write_job *j)
+{
+	pthread_mutex_lock(&j->lock);
+	j->writing--;
+	pthread_cond_broadcast(&j->progress_cond);
 	pthread_mutex_unlock(&j->lock);
 }
 
@@ -473,6 +508,7 @@ static int write_rank(write_job *j, int r, sha256_ctx *sha, dsv3_error *err)
 	st_spec *specs = NULL;
 	size_t *index = NULL, n = 0;
 	st_writer *w = NULL;
+	take_writer_slot(j);
 	int rc = rank_specs(j, r, &specs, &index, &n)
 			 ? dsv3_fail(err, DSV3_EIO, "%s: out of memory", j->tmp_paths[r])
 			 : st_writer_open(&w, j->tmp_paths[r], specs, n, NULL, err);
@@ -482,6 +518,7 @@ static int write_rank(write_job *j, int r, sha256_ctx *sha, dsv3_error *err)
 		rc = st_writer_finish(w, j->file_sha[r], err);
 	else
 		st_writer_abort(w); /* the temporary would be removed by out_dir_close anyway */
+	give_writer_slot(j);
 	if (!rc && j->res) {
 		char name[64];
 		mp_file_name(name, sizeof name, r, j->mp);
@@ -652,6 +689,7 @@ int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, o
 		else if (thread_pool_size(pool) - 1 < writers)
 			writers = thread_pool_size(pool) - 1;
 		j.n_hashers = (size_t)writers;
+		j.max_writing = writers > 0 ? writers : 1;
 	}
 	if (!rc) {
 		progress_start(&j.bar, "writing", total_written(&j) - kept_bytes);

@@ -269,21 +269,16 @@ static uint64_t peak_rss(const fixture *fx, const char *cmd)
 	return kib * 1024;
 }
 
-typedef struct {
-	uint64_t bytes;
-	int bound;
-} planned_ram;
-
-static planned_ram plan_ram(const fixture *fx, const char *ckpt, const char *tool, int mp,
-			    int threads)
+static uint64_t plan_ram(const fixture *fx, const char *ckpt, const char *tool, int mp,
+			 int threads)
 {
 	json_t *j = plan_json(fx, "--ckpt-path %s --model-parallel %d --threads %d", ckpt, mp,
 			      threads);
 	json_t *t = json_object_get(json_object_get(j, "tools"), tool);
-	planned_ram p = { get_u64(t, "peak_ram_bytes"),
-			  json_is_true(json_object_get(t, "peak_ram_is_bound")) };
+	uint64_t bytes = get_u64(t, "peak_ram_bytes");
+	assert_true(json_is_false(json_object_get(t, "peak_ram_is_bound")));
 	json_decref(j);
-	return p;
+	return bytes;
 }
 
 static void assert_within_10_percent(const char *what, uint64_t planned, uint64_t measured)
@@ -294,31 +289,10 @@ static void assert_within_10_percent(const char *what, uint64_t planned, uint64_
 	assert_true(off <= 0.10 && off >= -0.10);
 }
 
-/* Whether mp_write's overlap is fixed: W = min(threads, mp) writers start; with W >= 2 and more
- * ranks than that, first writers still finishing overlap the next ones by timing. */
-static int expect_bound(int mp, int threads)
-{
-	int w = threads < mp ? threads : mp;
-	return w >= 2 && mp > w;
-}
-
-/* An estimate within 10% of the measured peak RSS, or a bound at least it. */
-static void assert_plan_holds(const char *what, planned_ram p, int bound, uint64_t measured)
-{
-	assert_int_equal(p.bound, bound);
-	if (!bound) {
-		assert_within_10_percent(what, p.bytes, measured);
-		return;
-	}
-	print_message("%s: bound %.1f MB, measured %.1f MB\n", what, p.bytes / 1e6,
-		      measured / 1e6);
-	assert_true(measured <= p.bytes);
-}
-
 /* The peak RSS of cmd, writing to out (removed first). Where 2W >= 4 threads walk the input
- * (W = min(threads, mp) writers and as many hashers) the moment all of them hold their window
- * comes in some runs and not in others (47.5-51.8 MB for dsv3-convert of mid at N 2, threads
- * 2): the peak is then the higher of two runs. */
+ * (W = min(threads, mp) writers and as many hashers) on two cores, the moment all of them hold
+ * their block comes in some runs and not in others (45.6-46.9 MB for dsv3-convert of mid at
+ * N 2, threads 2): the peak is then the higher of two runs. */
 static uint64_t tool_peak_rss(const fixture *fx, const char *cmd, const char *out, int mp,
 			      int threads)
 {
@@ -343,8 +317,7 @@ static void check_convert_and_shard(const fixture *fx, const char *name, const c
 		 "--n-experts 16 --model-parallel %d --threads %d", b, ckpt, conv, mp, threads);
 	uint64_t measured = tool_peak_rss(fx, cmd, conv, mp, threads);
 	snprintf(what, sizeof what, "dsv3-convert %s mp %d, threads %d", name, mp, threads);
-	assert_plan_holds(what, plan_ram(fx, ckpt, "dsv3-convert", mp, threads),
-			  expect_bound(mp, threads), measured);
+	assert_within_10_percent(what, plan_ram(fx, ckpt, "dsv3-convert", mp, threads), measured);
 
 	const char *out = fresh_path(fx->root, "mp-shard");
 	snprintf(cmd, sizeof cmd, "%s/dsv3-shard --input %s --save-path %s --model-parallel %d "
@@ -352,8 +325,7 @@ static void check_convert_and_shard(const fixture *fx, const char *name, const c
 	measured = tool_peak_rss(fx, cmd, out, mp, threads);
 	snprintf(what, sizeof what, "dsv3-shard %s mp %d to mp %d, threads %d", name, mp, mp,
 		 threads);
-	assert_plan_holds(what, plan_ram(fx, ckpt, "dsv3-shard", mp, threads),
-			  expect_bound(mp, threads), measured);
+	assert_within_10_percent(what, plan_ram(fx, ckpt, "dsv3-shard", mp, threads), measured);
 	remove_tree(out);
 	remove_tree(conv);
 }
@@ -366,14 +338,15 @@ static void check_cast(const fixture *fx, const char *name, const char *ckpt, in
 		 "--output-bf16-hf-path %s --threads %d", bin_dir(), ckpt, out, threads);
 	uint64_t measured = peak_rss(fx, cmd);
 	snprintf(what, sizeof what, "dsv3-fp8-to-bf16 %s, threads %d", name, threads);
-	assert_plan_holds(what, plan_ram(fx, ckpt, "dsv3-fp8-to-bf16", 1, threads), 0, measured);
+	assert_within_10_percent(what, plan_ram(fx, ckpt, "dsv3-fp8-to-bf16", 1, threads),
+				 measured);
 	remove_tree(out);
 }
 
-/* dsv3-convert and dsv3-shard at 1, 2 and 4 ranks where their threads' overlap is fixed
- * (threads 1, or at least as many threads as ranks), and dsv3-fp8-to-bf16 with one file in
- * flight (--threads below 8), on mid and on wide (256 MiB tensors): the plan's estimate within
- * 10% of the peak RSS. */
+/* dsv3-convert and dsv3-shard at 1, 2 and 4 ranks with one and two threads (at most that many
+ * rank files written at once, however many ranks are left), and dsv3-fp8-to-bf16 with one
+ * file in flight (--threads below 8), on mid and on wide (256 MiB tensors): the plan's estimate
+ * within 10% of the peak RSS. */
 static void test_plan_peak_ram_within_10_percent_of_measured_rss(void **state)
 {
 	fixture *fx = *state;
@@ -383,22 +356,10 @@ static void test_plan_peak_ram_within_10_percent_of_measured_rss(void **state)
 	for (int c = 0; c < 2; c++) {
 		for (int threads = 1; threads <= 2; threads++) {
 			for (int mp = 1; mp <= 4; mp *= 2)
-				if (!expect_bound(mp, threads))
-					check_convert_and_shard(fx, name[c], ckpt[c], mp, threads);
+				check_convert_and_shard(fx, name[c], ckpt[c], mp, threads);
 			check_cast(fx, name[c], ckpt[c], threads);
 		}
 	}
-}
-
-/* Four ranks on two writer threads: the ranks still being written when the hashers take the
- * next ones overlap them as timing goes (48-77 MB measured on mid), so the plan gives the most
- * that can be at once, flagged as a bound; the measured peak is at most that. */
-static void test_plan_peak_ram_bounds_measured_rss_when_ranks_overlap(void **state)
-{
-	fixture *fx = *state;
-	skip_under_sanitizer();
-	check_convert_and_shard(fx, "mid", make_mid(fx), 4, 2);
-	check_convert_and_shard(fx, "wide", make_wide(fx, "wide", 131072, 2, ""), 4, 2);
 }
 
 static void test_plan_refuses_a_split_convert_refuses(void **state)
@@ -441,7 +402,6 @@ int main(void)
 		cmocka_unit_test(test_plan_kv_cache_from_config_numbers),
 		cmocka_unit_test(test_plan_fewest_gpus_is_the_smallest_split_that_fits),
 		cmocka_unit_test(test_plan_peak_ram_within_10_percent_of_measured_rss),
-		cmocka_unit_test(test_plan_peak_ram_bounds_measured_rss_when_ranks_overlap),
 		cmocka_unit_test(test_plan_refuses_a_split_convert_refuses),
 		cmocka_unit_test(test_plan_usage_errors),
 	};

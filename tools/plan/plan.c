@@ -342,19 +342,16 @@ uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len)
  * + input pages mapped      from the fault that maps them to the madvise(MADV_DONTNEED) that
  *                           drops them; a fault on a file mapping maps the whole page-cache
  *                           folio around it (FOLIO, up to 2 MiB on ext4 and xfs).
- * dsv3-convert and dsv3-shard (lib/mp_shards.c) walk the input MP_CHUNK at a time and drop what
- * a walk touched after every MP_RELEASE_EVERY bytes, in whole folios: a walking thread holds one
- * chunk's folios, a chunk plus half a folio on average (a chunk starting at a uniform offset in
- * a folio maps one folio, then two once it crosses into the next). With W = min(threads, N)
- * the walkers are W writers, each with its two buffers, and W hashers; which ranks are written
- * at the same moment follows from mp_write's task order (mp_write_ram). The cast (one file in
- * flight) is replayed piece by piece in its layout order. Where threads can overlap in more
- * than one way (rank files still being written when the hashers take the next ones; several
- * files cast at once) the figure is the most that can be at once: an upper bound, flagged. */
+ * dsv3-convert and dsv3-shard (lib/mp_shards.c) read no more than a chunk at a time and never
+ * across a FOLIO boundary, and a walk drops the block it holds before it reads in another: a
+ * walking thread holds one FOLIO block per input stream it reads at once (mp_write_ram). With
+ * W = min(threads, N) they run W writers, each with its two buffers, and W hashers. The cast
+ * (one file in flight) is replayed piece by piece in its layout order. Where threads can
+ * overlap in more than one way (several files cast at once) the figure is the most that can be
+ * at once: an upper bound, flagged. */
 
-/* lib/mp_shards.c: 2 MiB per write/hash call, input pages dropped after each. */
+/* lib/mp_shards.c: at most 2 MiB per write/hash call. */
 #define MP_CHUNK (2ull << 20)
-#define MP_RELEASE_EVERY (2ull << 20)
 #define ST_WRITE_BUF (8ull << 20) /* lib/safetensors.c: each writer has two */
 /* tools/fp8_to_bf16: 16 MiB dequantised per step, 3 pipe buffers, 4 threads per file, copied
  * tensors in 8 MiB pieces through a ring of 8 slots. */
@@ -367,7 +364,7 @@ uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len)
 /* Measured: /usr/bin/time -f %M dsv3-convert --model-parallel 1 on the "mid" checkpoint of
  * tests/test_plan.c (73.2 MB while lib/mp_shards.c dropped pages every 64 MiB) less that 64 MiB
  * window and FOLIO; the libraries' mapped pages (libcrypto 3.3 MB, libc 1.5 MB) are most of it.
- * With 2 MiB windows the same command measures 28.7-30.9 MB against 28.9 MB planned. */
+ * With one block per walk the same command measures 26.7 MB against 26.8 MB planned. */
 #define BASE_RSS (5632ull << 10)
 
 /* The bytes st_writer holds in its two buffers: put_bytes copies a write into the current
@@ -479,49 +476,29 @@ static int writer_buffers(const plan_model *m, int mp, uint64_t *most, dsv3_erro
 	return rc;
 }
 
-/* The input pages one walker holds on t: the bytes it walks between two drops, plus half a
- * folio on average (see above). A writer's rank slice of a tensor split along a later dim is a
- * part of every row: its MP_RELEASE_EVERY bytes span mp times as much of the input. */
-static uint64_t walker_window(const plan_tensor *t, int mp, int writer)
-{
-	uint64_t walk = MP_RELEASE_EVERY;
-	if (writer && t->cn.expert < 0 && t->cn.split_dim != SPLIT_NONE && t->cn.split_dim > 0)
-		walk *= (uint64_t)mp;
-	return (t->nbytes < walk ? t->nbytes : walk) + FOLIO / 2;
-}
-
 /* mp_write runs 2W pool threads, W = min(threads, mp): tasks 0..W-1 hash, the next mp write
- * ranks 0..mp-1 in turn. At first W writers (each with its buffers) and W hashers walk the
- * input. A hasher stops once the hash queue is empty, which happens as the first writer reaches
- * the last tensor (every rank ends with the same replicated tensors), and takes the next rank;
- * a writer that is done helps empty the queue, then does the same. So with W = 1 the one writer
- * and the hasher go on together: min(mp - 1, 2) writers and no hasher, each of the two threads
- * reusing its own buffers' memory (glibc keeps the freed 8 MiB buffers in the thread's arena)
- * for a later rank. With W >= 2 the other first writers may still be on their last tensors when
- * the hashers start the next ranks: up to min(mp, 2W) writers at once, as many as timing
- * allows; there the figure is that many writers with every thread's window, an upper bound. */
-static int mp_write_ram(const plan_model *m, int mp, int threads, uint64_t *ram, int *bound,
+ * ranks 0..mp-1 in turn, no more than W at once (a hasher out of work waits for a writer to
+ * finish before it takes the next rank). So at most W writers, each with its buffers and the
+ * one block it reads, and W hashers walk the input at once, a hasher holding one block. In
+ * dsv3-shard of N > 1 ranks (`shard`) a hasher reads more at once: a replicated tensor beside
+ * its copy (two blocks) and a tensor split along a later dim (wo, w2) row by row across the N
+ * files (a block in each). How much of that meets the others' blocks, rather than sharing the
+ * block of the writer a hasher follows, goes with timing. Measured (tests/test_plan.c, N 2 and
+ * 4, 1 and 2 threads, 2 cores), the peak lies above the same split's dsv3-convert by 0.5-1.1
+ * blocks at N 2 (either W), 1.1-3.1 at N 4 with W 1 and 2-4 at N 4 with W 2: the figure takes
+ * W N / 2 + 1 hasher blocks (N / 2 each on average, one more beside a copy), the middle of
+ * those ranges. */
+static int mp_write_ram(const plan_model *m, int mp, int threads, int shard, uint64_t *ram,
 			dsv3_error *err)
 {
-	uint64_t buffers, hasher_win = 0, writer_win = 0;
+	uint64_t buffers;
 	int rc = writer_buffers(m, mp, &buffers, err);
 	if (rc)
 		return rc;
-	for (size_t i = 0; i < m->n; i++) {
-		hasher_win = max_u(hasher_win, walker_window(&m->t[i], mp, 0));
-		writer_win = max_u(writer_win, walker_window(&m->t[i], mp, 1));
-	}
-	uint64_t W = (uint64_t)(threads < mp ? threads : mp), n = (uint64_t)mp;
-	uint64_t first = W * (buffers + writer_win + hasher_win), later = 0;
-	*bound = W >= 2 && n > W;
-	if (W == 1 && n > 1) {
-		uint64_t writers = n - 1 < 2 ? n - 1 : 2;
-		later = writers * (buffers + writer_win);
-	} else if (*bound) {
-		uint64_t writers = n < 2 * W ? n : 2 * W;
-		later = writers * (buffers + writer_win) + (2 * W - writers) * hasher_win;
-	}
-	*ram = BASE_RSS + 2 * m->input_header_bytes + max_u(first, later);
+	uint64_t W = (uint64_t)(threads < mp ? threads : mp);
+	uint64_t hasher_blocks = shard && mp > 1 ? W * (uint64_t)mp / 2 + 1 : W;
+	*ram = BASE_RSS + 2 * m->input_header_bytes + W * (buffers + FOLIO) +
+	       hasher_blocks * FOLIO;
 	return 0;
 }
 
@@ -534,7 +511,6 @@ typedef struct {
 	uint64_t buffers[CAST_BUFFERS];
 	int next_buffer;
 	writer_sim w;
-	uint64_t writer_max; /* writer buffers freed per file stay in the worker's malloc arena */
 	uint64_t peak;
 } cast_sim;
 
@@ -551,11 +527,10 @@ static uint64_t ring_bytes(const cast_sim *c)
 static void cast_step(cast_sim *c, uint64_t input, uint64_t kept, uint64_t written)
 {
 	writer_put(&c->w, written);
-	c->writer_max = max_u(c->writer_max, writer_resident(&c->w));
 	uint64_t buffers = 0;
 	for (int b = 0; b < CAST_BUFFERS; b++)
 		buffers += c->buffers[b];
-	c->peak = max_u(c->peak, c->writer_max + buffers + ring_bytes(c) + input + FOLIO);
+	c->peak = max_u(c->peak, writer_resident(&c->w) + buffers + ring_bytes(c) + input + FOLIO);
 	c->ring[c->head++ % CAST_SLOTS] = kept;
 }
 
@@ -651,12 +626,12 @@ int plan_tool_costs(const plan_model *m, int mp, int threads, plan_tools *o, dsv
 			return rc;
 		o->convert_disk += b;
 	}
-	int rc = mp_write_ram(m, mp, threads, &o->convert_ram, &o->convert_ram_bound, err);
 	/* dsv3-shard reads the converted files and writes the same bytes again, with the same
-	 * writer and hashers */
+	 * writers and hashers */
+	int rc = mp_write_ram(m, mp, threads, 0, &o->convert_ram, err);
+	if (!rc)
+		rc = mp_write_ram(m, mp, threads, 1, &o->shard_ram, err);
 	o->shard_disk = o->convert_disk;
-	o->shard_ram = o->convert_ram;
-	o->shard_ram_bound = o->convert_ram_bound;
 	if (!rc)
 		rc = cast_costs(m, threads, o, err);
 	return rc;

@@ -52,14 +52,14 @@ uint64_t plan_kv_bytes_per_token(const dsv3_config *c);
  * for batch seqs of max_seq_len, besides weights and KV cache. */
 uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len);
 
-/* Peak RAM is the tool's peak RSS: an estimate (within 10% of the measured peak in the tests)
- * where the tool's memory follows one fixed sequence, an upper bound (*_ram_bound set) where
- * it depends on how concurrent threads happen to interleave (see plan.c). */
+/* Peak RAM is the tool's peak RSS: an estimate (within 10% of the measured peak in the tests),
+ * except dsv3-fp8-to-bf16 with several files in flight, whose memory depends on how its workers
+ * happen to interleave: there an upper bound (cast_ram_bound set; see plan.c). */
 typedef struct {
 	uint64_t convert_ram, convert_disk;
 	uint64_t cast_ram, cast_disk;   /* dsv3-fp8-to-bf16 (0 when the input has no FP8) */
 	uint64_t shard_ram, shard_disk; /* dsv3-shard of the converted mp checkpoint */
-	int convert_ram_bound, cast_ram_bound, shard_ram_bound;
+	int cast_ram_bound;
 } plan_tools;
 
 int plan_tool_costs(const plan_model *m, int mp, int threads, plan_tools *out, dsv3_error *err);
