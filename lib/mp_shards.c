@@ -12,7 +12,7 @@
  * take the items some writer has reached, so all threads move through the inputs together and a
  * page read from disk serves every one while it is still cached. The hashers run beside the
  * writers rather than inside them: a writer busy hashing a 2 GB embedding would leave the disk
- * idle. A walk drops the input pages it read as it leaves each FOLIO block (below). */
+ * idle. A walk drops the input pages it read as it leaves each ST_FOLIO block (below). */
 #include "mp_shards.h"
 
 #include <fcntl.h>
@@ -31,10 +31,6 @@
 #include "sha256.h"
 #include "threadpool.h"
 
-#define CHUNK (2u << 20) /* bytes per write/hash call, at most */
-/* A fault on a file mapping maps the whole page-cache folio around it, up to FOLIO (ext4 and xfs
- * make 2 MiB ones; the kernel maps large files at FOLIO-aligned addresses). */
-#define FOLIO ((uintptr_t)2 << 20)
 #define PROGRESS_EVERY (8u << 20)
 #define DEQUANT_CHUNK (4u << 20)  /* BF16 bytes made per step from an FP8 weight, per thread */
 
@@ -142,19 +138,24 @@ static void note_span(span *s, const uint8_t *p, size_t len)
 		s->hi = p + len;
 }
 
-/* Reads of input pages: no read crosses a FOLIO boundary, and a walk about to read in another
- * block than the one it holds drops that one first (st_release takes its whole block). So a
- * walk holds at most one block per piece it reads at once, whatever the folios' sizes, and what
- * a tool holds is fixed by how many walks it runs (tools/plan models it). */
+/* Reads of input pages: no read crosses an ST_FOLIO boundary, and a walk about to read in
+ * another block than the one it holds drops that one first (st_release takes its whole block).
+ * So a walk holds at most one block per piece it reads at once, whatever the folios' sizes, and
+ * what a tool holds is fixed by how many walks it runs (tools/plan models it). */
 static size_t in_block(const uint8_t *p, uint64_t len)
 {
-	uint64_t left = FOLIO - ((uintptr_t)p & (FOLIO - 1));
+	uint64_t left = ST_FOLIO - ((uintptr_t)p & (ST_FOLIO - 1));
 	return (size_t)(len < left ? len : left);
+}
+
+static uintptr_t block_of(const uint8_t *p)
+{
+	return (uintptr_t)p & ~(uintptr_t)(ST_FOLIO - 1);
 }
 
 static void walk_to(const mp_piece *pc, span *s, const uint8_t *p)
 {
-	if (s->lo && ((uintptr_t)p & ~(FOLIO - 1)) != ((uintptr_t)s->lo & ~(FOLIO - 1)))
+	if (s->lo && block_of(p) != block_of(s->lo))
 		release_span(pc, s);
 }
 
@@ -238,7 +239,7 @@ static int walk_slice(const mp_tensor *t, uint64_t a, uint64_t b, byte_sink sink
 			const uint8_t *src = t->pieces[p].t->data + (o * per_piece + local) * g.inner;
 			uint64_t len = run * g.inner;
 			while (len > 0 && !rc) {
-				size_t c = in_block(src, len < CHUNK ? len : CHUNK);
+				size_t c = in_block(src, len < MP_CHUNK ? len : MP_CHUNK);
 				walk_to(&t->pieces[p], &spans[p], src);
 				if (stop && atomic_load(stop))
 					rc = dsv3_fail(err, DSV3_EIO, "cancelled");
@@ -328,7 +329,7 @@ static int compare_copy(const mp_tensor *t, const mp_piece *copy, dsv3_error *er
 	int differ = 0;
 	for (uint64_t off = 0; off < n && !differ;) {
 		const uint8_t *x = ref->t->data + off, *y = copy->t->data + off;
-		size_t c = in_block(y, in_block(x, n - off < CHUNK ? n - off : CHUNK));
+		size_t c = in_block(y, in_block(x, n - off < MP_CHUNK ? n - off : MP_CHUNK));
 		walk_to(ref, &a, x);
 		walk_to(copy, &b, y);
 		differ = memcmp(x, y, c) != 0;

@@ -63,11 +63,14 @@ typedef struct {
 	resume_stats resumed;
 } mp_stats;
 
+/* Bytes per write or hash call, at most. */
+#define MP_CHUNK ((size_t)2 << 20)
+
 /* Writes model{r}-mp{mp}.safetensors for r < mp into o (each file laid out as save_file lays it
  * out, no metadata) and adds to m each file's SHA-256 and each logical tensor (dtype, whole shape,
- * SHA-256 of its whole row-major bytes). Work runs on `threads` threads (<= 0: all cores): one
- * rank file per task plus logical hashing tasks; input pages are dropped after use, so the
- * resident set stays near the buffers, not the model. With `res`, a rank file a resumed run
+ * SHA-256 of its whole row-major bytes). At most `threads` rank files (<= 0: all cores) are
+ * written at once, beside as many logical hashing threads; input pages are dropped as the walks
+ * leave each ST_FOLIO block, so the resident set stays near the buffers, not the model. With `res`, a rank file a resumed run
  * kept is not written again (the logical hashes still read every input) and each written one
  * is finished into the journal as soon as it is complete. Call mp_check first. */
 int mp_write(const mp_tensor *t, size_t n, int mp, int n_experts, int threads, out_dir *o,

@@ -35,9 +35,7 @@
 
 #include "sha256.h"
 
-#define ST_WRITE_BUF (8u << 20)
 #define ST_WRITEBACK_EVERY (64u << 20) /* bytes written between writeback starts */
-#define ST_RELEASE_ALIGN (2u << 20)    /* the largest page-cache folio of a file mapping */
 
 /* Messages --------------------------------------------------------------------------------- */
 
@@ -421,15 +419,13 @@ void st_release(const st_file *f, const st_tensor *t)
 	/* Only a file mapping: DONTNEED on a caller's anonymous buffer would zero it. */
 	if (!f->map || !t->data || t->nbytes == 0)
 		return;
-	/* Whole ST_RELEASE_ALIGN blocks around the range, kept inside the file's mapping: a fault
-	 * on a file mapping maps the whole page-cache folio around it (up to 2 MiB on ext4 and
-	 * xfs), so the next tensor's first page would map this one's dropped tail back, and it
-	 * would stay until munmap. A neighbour's pages dropped too only cost it a minor fault. */
+	/* Whole ST_FOLIO blocks around the range, kept inside the file's mapping: a fault maps the
+	 * whole folio, so the next tensor's first page would map this one's dropped tail back, and
+	 * it would stay until munmap. A neighbour's pages dropped too only cost it a minor fault. */
 	uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
 	uintptr_t lo = (uintptr_t)f->map, hi = (lo + f->size + page - 1) & ~(page - 1);
-	uintptr_t start = (uintptr_t)t->data & ~(uintptr_t)(ST_RELEASE_ALIGN - 1);
-	uintptr_t end = ((uintptr_t)t->data + t->nbytes + ST_RELEASE_ALIGN - 1) &
-			~(uintptr_t)(ST_RELEASE_ALIGN - 1);
+	uintptr_t start = (uintptr_t)t->data & ~(uintptr_t)(ST_FOLIO - 1);
+	uintptr_t end = ((uintptr_t)t->data + t->nbytes + ST_FOLIO - 1) & ~(uintptr_t)(ST_FOLIO - 1);
 	start = start > lo ? start : lo;
 	end = end < hi ? end : hi;
 	madvise((void *)start, end - start, MADV_DONTNEED); /* advice only: errors do not matter */

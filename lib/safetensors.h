@@ -40,8 +40,12 @@ int st_parse(st_file *f, const uint8_t *bytes, size_t size, const char *label, d
 void st_close(st_file *f);
 const st_tensor *st_find(const st_file *f, const char *name);
 uint64_t st_numel(const st_tensor *t);
+/* A fault on a file mapping maps the whole page-cache folio around it, up to ST_FOLIO bytes (ext4
+ * and xfs make 2 MiB ones; large files are mapped at ST_FOLIO-aligned addresses). */
+#define ST_FOLIO ((size_t)2 << 20)
 /* Drops the tensor's pages from this process's resident set (madvise DONTNEED; the page cache
- * keeps them). Streaming tools call it after each tensor so RSS stays bounded on huge inputs. */
+ * keeps them), in whole ST_FOLIO blocks of the mapping. Streaming tools call it after each tensor
+ * so RSS stays bounded on huge inputs. */
 void st_release(const st_file *f, const st_tensor *t);
 
 /* What a writer needs to know of a tensor before any data arrives. */
@@ -53,6 +57,11 @@ typedef struct {
 } st_spec;
 
 typedef struct st_writer st_writer;
+
+/* A writer holds two buffers of ST_WRITE_BUF bytes, resident as far as writes have filled them:
+ * a write that fits is copied into the current one; otherwise that one is flushed and the other
+ * taken, and a write of half a buffer or more goes to the file in place. */
+#define ST_WRITE_BUF ((size_t)8 << 20)
 
 /* Creates `path` (O_TRUNC) and writes the header. Tensors are then appended in layout order:
  * by dtype rank descending, then name in byte order (st_writer_order gives it). `metadata` is

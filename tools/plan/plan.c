@@ -341,18 +341,16 @@ uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len)
  *                           lib/safetensors.c put_bytes), and dsv3-fp8-to-bf16's pipe buffers;
  * + input pages mapped      from the fault that maps them to the madvise(MADV_DONTNEED) that
  *                           drops them; a fault on a file mapping maps the whole page-cache
- *                           folio around it (FOLIO, up to 2 MiB on ext4 and xfs).
+ *                           folio around it (ST_FOLIO, up to 2 MiB on ext4 and xfs).
  * dsv3-convert and dsv3-shard (lib/mp_shards.c) read no more than a chunk at a time and never
- * across a FOLIO boundary, and a walk drops the block it holds before it reads in another: a
- * walking thread holds one FOLIO block per input stream it reads at once (mp_write_ram). With
+ * across an ST_FOLIO boundary, and a walk drops the block it holds before it reads in another: a
+ * walking thread holds one ST_FOLIO block per input stream it reads at once (mp_write_ram). With
  * W = min(threads, N) they run W writers, each with its two buffers, and W hashers. The cast
  * (one file in flight) is replayed piece by piece in its layout order. Where threads can
  * overlap in more than one way (several files cast at once) the figure is the most that can be
  * at once: an upper bound, flagged. */
 
-/* lib/mp_shards.c: at most 2 MiB per write/hash call. */
-#define MP_CHUNK (2ull << 20)
-#define ST_WRITE_BUF (8ull << 20) /* lib/safetensors.c: each writer has two */
+/* MP_CHUNK (lib/mp_shards.h), ST_WRITE_BUF and ST_FOLIO (lib/safetensors.h) are the tools' own. */
 /* tools/fp8_to_bf16: 16 MiB dequantised per step, 3 pipe buffers, 4 threads per file, copied
  * tensors in 8 MiB pieces through a ring of 8 slots. */
 #define CAST_CHUNK (16ull << 20)
@@ -360,10 +358,9 @@ uint64_t plan_gpu_scratch(const plan_model *m, int max_seq_len)
 #define CAST_THREADS_PER_FILE 4
 #define CAST_COPY_PIECE (8ull << 20)
 #define CAST_SLOTS 8
-#define FOLIO (2ull << 20)
 /* Measured: /usr/bin/time -f %M dsv3-convert --model-parallel 1 on the "mid" checkpoint of
  * tests/test_plan.c (73.2 MB while lib/mp_shards.c dropped pages every 64 MiB) less that 64 MiB
- * window and FOLIO; the libraries' mapped pages (libcrypto 3.3 MB, libc 1.5 MB) are most of it.
+ * window and ST_FOLIO; the libraries' mapped pages (libcrypto 3.3 MB, libc 1.5 MB) are most of it.
  * With one block per walk the same command measures 26.7 MB against 26.8 MB planned. */
 #define BASE_RSS (5632ull << 10)
 
@@ -484,10 +481,11 @@ static int writer_buffers(const plan_model *m, int mp, uint64_t *most, dsv3_erro
  * its copy (two blocks) and a tensor split along a later dim (wo, w2) row by row across the N
  * files (a block in each). How much of that meets the others' blocks, rather than sharing the
  * block of the writer a hasher follows, goes with timing. Measured (tests/test_plan.c, N 2 and
- * 4, 1 and 2 threads, 2 cores), the peak lies above the same split's dsv3-convert by 0.5-1.1
+ * 4, 1 and 2 threads, 2 cores), the peak lies above the same split's dsv3-convert by 0-1.1
  * blocks at N 2 (either W), 1.1-3.1 at N 4 with W 1 and 2-4 at N 4 with W 2: the figure takes
- * W N / 2 + 1 hasher blocks (N / 2 each on average, one more beside a copy), the middle of
- * those ranges. */
+ * W N / 2 + 1 hasher blocks (N / 2 each on average, one more beside a copy): the middle of
+ * the ranges at N 4, the top at N 2 (where a run cannot come below dsv3-convert's figure, 8.7%
+ * under it). */
 static int mp_write_ram(const plan_model *m, int mp, int threads, int shard, uint64_t *ram,
 			dsv3_error *err)
 {
@@ -497,8 +495,8 @@ static int mp_write_ram(const plan_model *m, int mp, int threads, int shard, uin
 		return rc;
 	uint64_t W = (uint64_t)(threads < mp ? threads : mp);
 	uint64_t hasher_blocks = shard && mp > 1 ? W * (uint64_t)mp / 2 + 1 : W;
-	*ram = BASE_RSS + 2 * m->input_header_bytes + W * (buffers + FOLIO) +
-	       hasher_blocks * FOLIO;
+	*ram = BASE_RSS + 2 * m->input_header_bytes + W * (buffers + ST_FOLIO) +
+	       hasher_blocks * ST_FOLIO;
 	return 0;
 }
 
@@ -530,7 +528,7 @@ static void cast_step(cast_sim *c, uint64_t input, uint64_t kept, uint64_t writt
 	uint64_t buffers = 0;
 	for (int b = 0; b < CAST_BUFFERS; b++)
 		buffers += c->buffers[b];
-	c->peak = max_u(c->peak, writer_resident(&c->w) + buffers + ring_bytes(c) + input + FOLIO);
+	c->peak = max_u(c->peak, writer_resident(&c->w) + buffers + ring_bytes(c) + input + ST_FOLIO);
 	c->ring[c->head++ % CAST_SLOTS] = kept;
 }
 
